@@ -1,0 +1,953 @@
+"""
+One-time data preparation for autoresearch, and the fixed runtime utilities the trainers import.
+The agent never edits this file.
+
+Usage:
+    uv run prepare.py                        # climbmix: 10 train shards + the pinned val shard, tokenizer, token cache
+    uv run prepare.py --num-shards 4         # fewer shards (-1 = all 6542)
+    uv run prepare.py --text notes/ '*.md'   # offline: import local .txt/.md/.jsonl/.parquet as dataset "local"
+    AUTORESEARCH_DATASET=local uv run train.py
+
+Environment (all optional):
+    AUTORESEARCH_CACHE_DIR     where data lives (default ~/.cache/autoresearch)
+    AUTORESEARCH_DATASET       which prepared dataset the trainers use (default climbmix)
+    AUTORESEARCH_PROFILE       evaluation profile: gpu | apple | cpu (default: recorded at first prepare, else from hardware)
+    HF_ENDPOINT                Hugging Face endpoint or mirror (default https://huggingface.co)
+    AUTORESEARCH_TIME_BUDGET   training seconds (default 300; tests and smoke runs shrink it)
+    AUTORESEARCH_EVAL_TOKENS   evaluation tokens (default from the profile; tests shrink it)
+    AUTORESEARCH_MAX_SEQ_LEN   context length (default from the profile; for tests and sweeps only)
+Changing the last three breaks comparability with other runs; every run prints them.
+"""
+
+import argparse
+import bisect
+import glob
+import hashlib
+import json
+import math
+import os
+import pickle
+import platform
+import re
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+# ---------------------------------------------------------------------------
+# Constants (fixed, do not modify)
+# ---------------------------------------------------------------------------
+
+MAX_SEQ_LEN_UPSTREAM = 2048      # context length of upstream; profiles may use less
+TIME_BUDGET_DEFAULT = 300        # training time budget in seconds (5 minutes)
+VOCAB_SIZE = 8192                # BPE vocabulary incl. the 4 special tokens
+EVAL_TOKENS_UPSTREAM = 10 * 524288  # the Apple port's value (upstream used 40 * 524288)
+
+# Evaluation profiles: everything that must be equal for two val_bpb numbers to be comparable.
+# A CPU cannot evaluate 5M tokens of 2048 context in reasonable time, hence the cpu profile.
+PROFILES = {
+    "gpu":   dict(max_seq_len=2048, eval_tokens=EVAL_TOKENS_UPSTREAM),
+    "apple": dict(max_seq_len=2048, eval_tokens=EVAL_TOKENS_UPSTREAM),
+    "cpu":   dict(max_seq_len=512, eval_tokens=2**17),
+}
+
+DEFAULT_DATASET = "climbmix"
+CLIMBMIX_REPO = "karpathy/climbmix-400b-shuffle"
+MAX_SHARD = 6542                 # the last climbmix shard ...
+VAL_SHARD = MAX_SHARD            # ... is pinned as the validation shard (for every dataset)
+SHARD_NAME = "shard_{:05d}.parquet"
+VAL_FILENAME = SHARD_NAME.format(VAL_SHARD)
+SHARD_ROWS = 86_016              # documents per shard when we write shards ourselves
+ROW_GROUP_ROWS = 1024
+
+SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+SPECIAL_TOKENS = [f"<|reserved_{i}|>" for i in range(4)]
+BOS_TOKEN = SPECIAL_TOKENS[0]
+TOKENIZER_DOC_CHARS = 10_000     # each document is capped at this many chars for tokenizer training
+TOKENIZER_MAX_CHARS = 1_000_000_000
+
+LOCAL_DOC_CHARS = 8_000          # local text files are cut into documents of at most this size
+LOCAL_VAL_PERCENT = 2            # share of local documents held out for validation (at least one)
+
+
+class PrepareError(RuntimeError):
+    """A problem with the data the user can fix; printed as one line, never as a traceback."""
+
+
+def _one_line_excepthook(exc_type, exc, tb, _default=sys.excepthook):
+    if getattr(exc_type, "one_line", False):
+        print(f"error: {exc}", file=sys.stderr)
+        return
+    _default(exc_type, exc, tb)
+
+
+PrepareError.one_line = True
+if getattr(sys.excepthook, "__name__", "") != "_one_line_excepthook":
+    sys.excepthook = _one_line_excepthook  # any script importing prepare reports PrepareError in one line
+
+# ---------------------------------------------------------------------------
+# Paths, dataset and evaluation profile
+# ---------------------------------------------------------------------------
+
+CACHE_DIR = os.path.expanduser(os.environ.get("AUTORESEARCH_CACHE_DIR") or "~/.cache/autoresearch")
+PROFILE_FILE = os.path.join(CACHE_DIR, "profile.json")
+DATASET = os.environ.get("AUTORESEARCH_DATASET") or DEFAULT_DATASET
+
+
+def _check_dataset_name(name):
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+        raise PrepareError(f"invalid dataset name {name!r}: use letters, digits, '.', '_' and '-'")
+    return name
+
+
+def dataset_dir(name=None):
+    return os.path.join(CACHE_DIR, _check_dataset_name(name or DATASET))
+
+
+def data_dir(name=None):
+    return os.path.join(dataset_dir(name), "data")
+
+
+def tokenizer_dir(name=None):
+    return os.path.join(dataset_dir(name), "tokenizer")
+
+
+def list_datasets():
+    """Names of datasets with at least one shard under CACHE_DIR."""
+    if not os.path.isdir(CACHE_DIR):
+        return []
+    return sorted(d for d in os.listdir(CACHE_DIR) if glob.glob(os.path.join(CACHE_DIR, d, "data", "shard_*.parquet")))
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    max_seq_len: int
+    eval_tokens: int
+    source: str          # where the choice came from
+    overrides: tuple     # env overrides in force, e.g. ("AUTORESEARCH_EVAL_TOKENS=4096",)
+
+    def describe(self):
+        extra = f"; overrides: {', '.join(self.overrides)}" if self.overrides else ""
+        return (f"{self.name} (max_seq_len={self.max_seq_len}, eval_tokens={self.eval_tokens:,}; "
+                f"{self.source}{extra})")
+
+
+def hardware_profile_name():
+    """The profile this machine's hardware suggests: apple, gpu or cpu."""
+    if sys.platform == "darwin" and platform.machine() == "arm64":
+        return "apple"
+    try:
+        import torch
+        if torch.cuda.is_available():
+            return "gpu"
+    except ImportError:
+        pass
+    return "cpu"
+
+
+def _env_int(name):
+    raw = os.environ.get(name)
+    if not raw:
+        return None
+    try:
+        value = int(float(raw))
+    except ValueError:
+        raise PrepareError(f"{name}={raw!r} is not a number")
+    if value <= 0:
+        raise PrepareError(f"{name}={raw!r} must be positive")
+    return value
+
+
+def _check_profile_name(name, origin):
+    if name not in PROFILES:
+        raise PrepareError(f"unknown evaluation profile {name!r} ({origin}); choose one of: {', '.join(PROFILES)}")
+    return name
+
+
+def get_profile():
+    """The evaluation profile in force: AUTORESEARCH_PROFILE, else the one recorded at first prepare, else hardware."""
+    env = os.environ.get("AUTORESEARCH_PROFILE")
+    if env:
+        name, source = _check_profile_name(env, "AUTORESEARCH_PROFILE"), "set by AUTORESEARCH_PROFILE"
+    elif os.path.exists(PROFILE_FILE):
+        try:
+            with open(PROFILE_FILE) as f:
+                name = json.load(f)["profile"]
+        except (OSError, ValueError, KeyError):
+            raise PrepareError(f"{PROFILE_FILE} is unreadable; delete it and run: uv run prepare.py")
+        name, source = _check_profile_name(name, PROFILE_FILE), f"recorded in {PROFILE_FILE}"
+    else:
+        name, source = hardware_profile_name(), "from this machine's hardware (not yet recorded)"
+    values = dict(PROFILES[name])
+    overrides = []
+    for key, var in (("max_seq_len", "AUTORESEARCH_MAX_SEQ_LEN"), ("eval_tokens", "AUTORESEARCH_EVAL_TOKENS")):
+        v = _env_int(var)
+        if v is not None:
+            values[key] = v
+            overrides.append(f"{var}={v}")
+    return Profile(name, values["max_seq_len"], values["eval_tokens"], source, tuple(overrides))
+
+
+def record_profile(name=None):
+    """Record the profile next to the data the first time data is prepared (or when asked explicitly)."""
+    if name is None and os.path.exists(PROFILE_FILE):
+        return
+    name = _check_profile_name(name or os.environ.get("AUTORESEARCH_PROFILE") or hardware_profile_name(), "--profile")
+    _atomic_write_bytes(PROFILE_FILE, json.dumps({"profile": name, **PROFILES[name]}, indent=1).encode())
+
+
+def _time_budget():
+    raw = os.environ.get("AUTORESEARCH_TIME_BUDGET")
+    if not raw:
+        return TIME_BUDGET_DEFAULT
+    try:
+        value = float(raw)
+    except ValueError:
+        raise PrepareError(f"AUTORESEARCH_TIME_BUDGET={raw!r} is not a number of seconds")
+    if value <= 0:
+        raise PrepareError(f"AUTORESEARCH_TIME_BUDGET={raw!r} must be positive")
+    return int(value) if value == int(value) else value
+
+
+PROFILE = get_profile()
+MAX_SEQ_LEN = PROFILE.max_seq_len
+EVAL_TOKENS = PROFILE.eval_tokens
+TIME_BUDGET = _time_budget()
+
+
+def describe_setup():
+    """One line for the trainers' startup banner: dataset, profile and budget."""
+    budget = f"time budget {TIME_BUDGET}s" + (" (AUTORESEARCH_TIME_BUDGET)" if TIME_BUDGET != TIME_BUDGET_DEFAULT else "")
+    return f"Dataset: {DATASET} | Profile: {PROFILE.describe()} | {budget}"
+
+# ---------------------------------------------------------------------------
+# Small file helpers
+# ---------------------------------------------------------------------------
+
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+def _publish(tmp, path):
+    """Give a finished temp file normal permissions (mkstemp makes it 0600) and move it into place."""
+    os.chmod(tmp, 0o666 & ~_UMASK)
+    os.replace(tmp, path)
+
+
+def _atomic_write_bytes(path, data):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        _publish(tmp, path)
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+
+
+def _atomic_save_npy(path, array):
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".npy")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, array)
+        _publish(tmp, path)
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+
+
+def _remove_quietly(path):
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+def check_shard(path):
+    """Raise PrepareError unless the parquet footer opens and there is a string `text` column."""
+    try:
+        schema = pq.ParquetFile(path).schema_arrow
+    except Exception as e:
+        raise PrepareError(f"{path} is not a readable parquet file ({type(e).__name__}); delete it and prepare again")
+    if "text" not in schema.names or not (pa.types.is_string(schema.field("text").type)
+                                          or pa.types.is_large_string(schema.field("text").type)):
+        raise PrepareError(f"{path} has no string 'text' column (columns: {', '.join(schema.names)})")
+
+
+def write_shard(path, texts):
+    """Write documents as a climbmix-layout shard (single string column `text`), atomically."""
+    table = pa.table({"text": pa.array(texts, type=pa.string())})
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".parquet")
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp, row_group_size=ROW_GROUP_ROWS)
+        _publish(tmp, path)
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+
+
+def list_shards(split, name=None):
+    """Parquet shards of a split: 'train' = every shard but the pinned val shard, 'val' = the val shard."""
+    assert split in ("train", "val"), split
+    d = data_dir(name)
+    if not os.path.isdir(d):
+        known = ", ".join(list_datasets()) or "none"
+        hint = ("uv run prepare.py" if (name or DATASET) == DEFAULT_DATASET
+                else f"uv run prepare.py --text PATH --name {name or DATASET}  (or convert_dataset.py)")
+        raise PrepareError(f"dataset {name or DATASET!r} is not prepared (no {d}; prepared: {known}). Run: {hint}")
+    files = sorted(f for f in os.listdir(d) if re.fullmatch(r"shard_\d{5}\.parquet", f))
+    if split == "val":
+        files = [f for f in files if f == VAL_FILENAME]
+        if not files:
+            raise PrepareError(f"no validation shard {VAL_FILENAME} in {d}. Run: uv run prepare.py")
+    else:
+        files = [f for f in files if f != VAL_FILENAME]
+        if not files:
+            raise PrepareError(f"no training shards in {d} (only the validation shard). "
+                               f"Run: uv run prepare.py --num-shards 10")
+    return [os.path.join(d, f) for f in files]
+
+
+def iter_shard_texts(path, batch_rows=ROW_GROUP_ROWS):
+    """Yield lists of document strings from a shard, a row group at a time."""
+    check_shard(path)
+    pf = pq.ParquetFile(path)
+    for batch in pf.iter_batches(batch_size=batch_rows, columns=["text"]):
+        yield [t for t in batch.column(0).to_pylist() if t]
+
+# ---------------------------------------------------------------------------
+# Download (climbmix, and any dataset laid out as <repo>/resolve/<rev>/<file>)
+# ---------------------------------------------------------------------------
+
+def hf_endpoint():
+    return (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
+
+
+def hf_file_url(repo, filename, revision="main"):
+    return f"{hf_endpoint()}/datasets/{repo}/resolve/{revision}/{filename}"
+
+
+class DownloadError(PrepareError):
+    pass
+
+
+def download_file(url, dest, *, attempts=5, backoff=1.0, timeout=30, progress=None, verify=check_shard):
+    """Download url to dest: resumable (HTTP Range) into dest.part, retried with exponential backoff, verified,
+    then renamed. Nothing partial remains on failure. Returns the number of bytes fetched."""
+    import requests
+
+    part = dest + ".part"
+    fetched = 0
+    last_error = "unknown error"
+    try:
+        for attempt in range(attempts):
+            if attempt:
+                time.sleep(backoff * 2 ** (attempt - 1))
+            have = os.path.getsize(part) if os.path.exists(part) else 0
+            headers = {"Range": f"bytes={have}-"} if have else {}
+            try:
+                with requests.get(url, headers=headers, stream=True, timeout=timeout) as r:
+                    if r.status_code == 404:
+                        raise DownloadError(f"{url} not found (HTTP 404)")
+                    if r.status_code == 416:        # our partial file is already complete (or bogus): start over
+                        _remove_quietly(part)
+                        last_error = "HTTP 416"
+                        continue
+                    if r.status_code not in (200, 206):
+                        last_error = f"HTTP {r.status_code}"
+                        continue
+                    mode = "ab" if (have and r.status_code == 206) else "wb"
+                    if mode == "wb" and have and progress is not None:
+                        progress.update(-have)   # server ignored Range: the earlier bytes are discarded
+                    with open(part, mode) as f:
+                        for chunk in r.iter_content(chunk_size=1 << 16):
+                            f.write(chunk)
+                            fetched += len(chunk)
+                            if progress is not None:
+                                progress.update(len(chunk))
+                    expected = r.headers.get("Content-Range", "").rpartition("/")[2] or None
+                    if expected and expected.isdigit() and os.path.getsize(part) != int(expected):
+                        last_error = f"short body ({os.path.getsize(part)} of {expected} bytes)"
+                        continue
+            except DownloadError:
+                raise
+            except requests.RequestException as e:
+                last_error = f"{type(e).__name__}: {e}"
+                continue
+            try:
+                verify(part)
+            except PrepareError as e:
+                last_error = f"downloaded file failed verification ({e})"
+                if progress is not None:
+                    progress.update(-os.path.getsize(part))
+                _remove_quietly(part)
+                continue
+            os.replace(part, dest)
+            return fetched
+        raise DownloadError(f"could not download {url} after {attempts} attempts: {last_error}")
+    finally:
+        _remove_quietly(part)
+
+
+def download_shards(indices, dest_dir, *, repo=CLIMBMIX_REPO, workers=8, attempts=5, backoff=1.0, timeout=30):
+    """Download the given shard indices into dest_dir (skipping verified existing files), with a progress bar."""
+    from tqdm import tqdm
+
+    os.makedirs(dest_dir, exist_ok=True)
+    todo = []
+    for i in indices:
+        path = os.path.join(dest_dir, SHARD_NAME.format(i))
+        if os.path.exists(path):
+            try:
+                check_shard(path)
+                continue
+            except PrepareError:
+                os.remove(path)   # corrupt leftover from an older tool: fetch it again
+        todo.append((i, path))
+    if not todo:
+        print(f"All {len(indices)} shards already present in {dest_dir}")
+        return
+    _check_reachable(hf_file_url(repo, os.path.basename(todo[0][1])))
+    print(f"Downloading {len(todo)} shard(s) of {repo} from {hf_endpoint()} with {workers} workers")
+    bar = tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024, desc=f"shards 0/{len(todo)}",
+               disable=None, dynamic_ncols=True)
+    done, errors = 0, []
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        futures = {pool.submit(download_file, hf_file_url(repo, os.path.basename(p)), p, attempts=attempts,
+                               backoff=backoff, timeout=timeout, progress=_GrowingBar(bar)): p for _, p in todo}
+        for fut in as_completed(futures):
+            try:
+                fut.result()
+                done += 1
+                bar.set_description(f"shards {done}/{len(todo)}")
+            except PrepareError as e:
+                errors.append(str(e))
+    bar.close()
+    if errors:
+        offline = all(("ConnectionError" in e or "Timeout" in e) for e in errors)
+        if offline:
+            raise _offline_error(f"{len(errors)} shard(s) failed")
+        raise DownloadError(f"{len(errors)} of {len(todo)} shard(s) failed; first: {errors[0]}")
+    print(f"Downloaded {done} shard(s) into {dest_dir}")
+
+
+def _offline_error(detail):
+    return DownloadError(f"cannot reach {hf_endpoint()} ({detail}). Set HF_ENDPOINT to a reachable mirror, "
+                         f"or prepare offline from local files: uv run prepare.py --text PATH")
+
+
+def _check_reachable(url):
+    """Fail in a second, with the offline advice, when the endpoint cannot be reached at all."""
+    import requests
+    try:
+        requests.head(url, timeout=10, allow_redirects=True)
+    except (requests.ConnectionError, requests.Timeout) as e:
+        raise _offline_error(type(e).__name__)
+
+
+class _GrowingBar:
+    """A byte-progress adapter that grows the bar's total as bytes arrive (sizes are unknown up front)."""
+
+    def __init__(self, bar):
+        self.bar = bar
+
+    def update(self, n):
+        if n > 0:
+            self.bar.total = (self.bar.total or 0) + n
+        else:
+            self.bar.total = max(0, (self.bar.total or 0) + n)
+        self.bar.update(n)
+
+# ---------------------------------------------------------------------------
+# Local text import (offline / private data)
+# ---------------------------------------------------------------------------
+
+LOCAL_SUFFIXES = (".txt", ".md", ".jsonl", ".parquet")
+
+
+def _expand_inputs(paths):
+    files = []
+    for p in paths:
+        matches = sorted(glob.glob(os.path.expanduser(p), recursive=True)) if any(c in p for c in "*?[") else [p]
+        if not matches:
+            raise PrepareError(f"no files match {p!r}")
+        for m in matches:
+            m = os.path.expanduser(m)
+            if os.path.isdir(m):
+                for root, _, names in sorted(os.walk(m)):
+                    files += [os.path.join(root, n) for n in sorted(names) if n.lower().endswith(LOCAL_SUFFIXES)]
+            elif os.path.isfile(m):
+                if not m.lower().endswith(LOCAL_SUFFIXES):
+                    raise PrepareError(f"{m}: unsupported file type (use {', '.join(LOCAL_SUFFIXES)})")
+                files.append(m)
+            else:
+                raise PrepareError(f"{m}: no such file or directory")
+    return files
+
+
+def _split_text(text, max_chars=LOCAL_DOC_CHARS):
+    """Cut a long text into documents at paragraph boundaries (hard cut only for giant paragraphs)."""
+    text = text.strip()
+    if len(text) <= max_chars:
+        return [text] if text else []
+    docs, cur = [], ""
+    for para in re.split(r"\n\s*\n", text):
+        while len(para) > max_chars:
+            if cur:
+                docs.append(cur)
+                cur = ""
+            docs.append(para[:max_chars])
+            para = para[max_chars:]
+        if cur and len(cur) + 2 + len(para) > max_chars:
+            docs.append(cur)
+            cur = ""
+        cur = f"{cur}\n\n{para}" if cur else para
+    if cur.strip():
+        docs.append(cur)
+    return [d for d in (d.strip() for d in docs) if d]
+
+
+def read_local_documents(path):
+    """Documents from one local file, plus a list of warnings (bad bytes, skipped lines)."""
+    warnings = []
+    low = path.lower()
+    try:
+        if low.endswith(".parquet"):
+            try:
+                table = pq.read_table(path)
+            except Exception as e:
+                raise PrepareError(f"{path}: not a readable parquet file ({type(e).__name__})")
+            if "text" not in table.column_names:
+                raise PrepareError(f"{path}: no 'text' column (columns: {', '.join(table.column_names)})")
+            return [t for t in table.column("text").to_pylist() if isinstance(t, str) and t.strip()], warnings
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise PrepareError(f"{path}: cannot read ({e.strerror})")
+    text = raw.decode("utf-8", errors="replace")
+    bad = text.count("\ufffd") - raw.decode("utf-8", errors="ignore").count("\ufffd")
+    if bad:
+        warnings.append(f"{path}: {bad} invalid UTF-8 byte sequence(s) replaced with U+FFFD")
+    if low.endswith(".jsonl"):
+        docs, skipped = [], 0
+        for line in text.splitlines():
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                skipped += 1
+                continue
+            t = obj.get("text") if isinstance(obj, dict) else None
+            if isinstance(t, str) and t.strip():
+                docs.append(t)
+            else:
+                skipped += 1
+        if skipped:
+            warnings.append(f"{path}: skipped {skipped} line(s) that are not JSON objects with a non-empty 'text'")
+        return docs, warnings
+    return _split_text(text), warnings
+
+
+def import_local_text(paths, name="local"):
+    """Import local files into the standard shard layout of dataset `name` (replacing its shards)."""
+    _check_dataset_name(name)
+    files = _expand_inputs(paths)
+    if not files:
+        raise PrepareError(f"no {', '.join(LOCAL_SUFFIXES)} files found in: {' '.join(paths)}")
+    docs, empty = [], []
+    for path in files:
+        file_docs, warnings = read_local_documents(path)
+        for w in warnings:
+            print(f"warning: {w}")
+        if not file_docs:
+            empty.append(path)
+        docs += file_docs
+    for path in empty:
+        print(f"warning: {path}: empty, skipped")
+    if len(docs) < 2:
+        raise PrepareError(f"found {len(docs)} non-empty document(s) in {len(files)} file(s); "
+                           f"need at least 2 (one is held out for validation)")
+    # Deterministic held-out split: by a hash of each document's text, so adding files moves few documents.
+    keyed = sorted(((hashlib.sha256(d.encode()).digest(), d) for d in docs), key=lambda kd: kd[0])
+    n_val = max(1, len(docs) * LOCAL_VAL_PERCENT // 100)
+    val = [d for _, d in keyed[:n_val]]
+    train = [d for _, d in keyed[n_val:]]
+    d = data_dir(name)
+    os.makedirs(d, exist_ok=True)
+    for old in glob.glob(os.path.join(d, "shard_*.parquet")):
+        os.remove(old)
+    n_shards = math.ceil(len(train) / SHARD_ROWS)
+    for i in range(n_shards):
+        write_shard(os.path.join(d, SHARD_NAME.format(i)), train[i * SHARD_ROWS:(i + 1) * SHARD_ROWS])
+    write_shard(os.path.join(d, VAL_FILENAME), val)
+    fingerprint = hashlib.sha256("\0".join(docs).encode()).hexdigest()
+    manifest = dict(name=name, source="local", files=len(files), documents=len(docs), train_documents=len(train),
+                    val_documents=len(val), train_shards=n_shards, text_sha256=fingerprint)
+    _atomic_write_bytes(os.path.join(dataset_dir(name), "source.json"), json.dumps(manifest, indent=1).encode())
+    print(f"Imported {len(docs):,} documents from {len(files)} file(s) into {d}: "
+          f"{n_shards} train shard(s), {len(val)} validation document(s)")
+    return manifest
+
+# ---------------------------------------------------------------------------
+# Tokenizer: rustbpe training, exported as a pickled tiktoken Encoding
+# ---------------------------------------------------------------------------
+
+def _tokenizer_text_iterator(name):
+    chars = 0
+    for path in list_shards("train", name):
+        for texts in iter_shard_texts(path):
+            for t in texts:
+                t = t[:TOKENIZER_DOC_CHARS]
+                chars += len(t)
+                yield t
+                if chars >= TOKENIZER_MAX_CHARS:
+                    return
+
+
+def train_tokenizer(name=None):
+    import rustbpe
+    import tiktoken
+
+    out = tokenizer_dir(name)
+    t0 = time.time()
+    print(f"Training a {VOCAB_SIZE}-token BPE tokenizer on the training shards of {name or DATASET!r} ...", flush=True)
+    bpe = rustbpe.Tokenizer()
+    bpe.train_from_iterator(_tokenizer_text_iterator(name), VOCAB_SIZE - len(SPECIAL_TOKENS), pattern=SPLIT_PATTERN)
+    ranks = {bytes(k): v for k, v in bpe.get_mergeable_ranks()}
+    special = {tok: len(ranks) + i for i, tok in enumerate(SPECIAL_TOKENS)}
+    enc = tiktoken.Encoding(name="rustbpe", pat_str=bpe.get_pattern(), mergeable_ranks=ranks, special_tokens=special)
+    token_bytes = np.array([0 if i in special.values() else len(enc.decode_single_token_bytes(i))
+                            for i in range(enc.n_vocab)], dtype=np.int32)
+    # Round-trip sanity check before anything is written.
+    sample = "Hello world! Numbers 12345, unicode: café — 你好 🚀\n\ttabs and  spaces."
+    if enc.decode(enc.encode_ordinary(sample)) != sample:
+        raise PrepareError("tokenizer round-trip check failed")
+    if os.path.isdir(os.path.join(out, "tokens")):
+        import shutil
+        shutil.rmtree(os.path.join(out, "tokens"))   # token cache belongs to the old tokenizer
+    _atomic_write_bytes(os.path.join(out, "tokenizer.pkl"), pickle.dumps(enc))
+    _atomic_save_npy(os.path.join(out, "token_bytes.npy"), token_bytes)
+    print(f"Tokenizer: {enc.n_vocab} tokens, trained in {time.time() - t0:.1f}s, saved to {out}")
+    return enc
+
+
+class Tokenizer:
+    """A pickled tiktoken Encoding with the BOS special token (upstream's interface)."""
+
+    def __init__(self, enc, directory=None):
+        self.enc = enc
+        self.directory = directory
+        self.bos_token_id = enc.encode_single_token(BOS_TOKEN)
+
+    @classmethod
+    def from_directory(cls, directory=None):
+        directory = directory or tokenizer_dir()
+        path = os.path.join(directory, "tokenizer.pkl")
+        if not os.path.exists(path):
+            raise PrepareError(f"no tokenizer at {path}. Run: uv run prepare.py"
+                               + ("" if DATASET == DEFAULT_DATASET else f"  (with AUTORESEARCH_DATASET={DATASET})"))
+        try:
+            with open(path, "rb") as f:
+                enc = pickle.load(f)
+        except Exception as e:
+            raise PrepareError(f"{path} is unreadable ({type(e).__name__}); retrain it: uv run prepare.py")
+        return cls(enc, directory)
+
+    def get_vocab_size(self):
+        return self.enc.n_vocab
+
+    def get_bos_token_id(self):
+        return self.bos_token_id
+
+    def encode(self, text, prepend=None, num_threads=8):
+        prefix = [] if prepend is None else [prepend if isinstance(prepend, int) else self.enc.encode_single_token(prepend)]
+        if isinstance(text, str):
+            return prefix + self.enc.encode_ordinary(text)
+        return [prefix + ids for ids in self.enc.encode_ordinary_batch(text, num_threads=num_threads)]
+
+    def decode(self, ids):
+        return self.enc.decode(ids)
+
+
+def get_token_bytes(tokenizer=None):
+    """Bytes per token id (0 for special tokens) as a numpy int32 array."""
+    directory = tokenizer.directory if tokenizer is not None and tokenizer.directory else tokenizer_dir()
+    path = os.path.join(directory, "token_bytes.npy")
+    if not os.path.exists(path):
+        raise PrepareError(f"no {path}. Run: uv run prepare.py")
+    return np.load(path)
+
+# ---------------------------------------------------------------------------
+# Token cache: every shard tokenized once (uint16 ids, BOS before each document)
+# ---------------------------------------------------------------------------
+
+def _token_cache_paths(tokenizer, shard_path):
+    base = os.path.join(tokenizer.directory, "tokens", os.path.basename(shard_path)[:-len(".parquet")])
+    return base + ".tok.npy", base + ".idx.npy", base + ".json"
+
+
+def _shard_signature(path):
+    st = os.stat(path)
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def tokenize_shard(tokenizer, shard_path, num_threads=None):
+    """Tokenize a shard into the cache (atomic) unless an up-to-date copy exists. Returns (tokens, offsets)."""
+    tok_path, idx_path, meta_path = _token_cache_paths(tokenizer, shard_path)
+    sig = _shard_signature(shard_path)
+    try:
+        with open(meta_path) as f:
+            fresh = json.load(f) == sig
+    except (OSError, ValueError):
+        fresh = False
+    if not fresh:
+        os.makedirs(os.path.dirname(tok_path), exist_ok=True)
+        bos = tokenizer.get_bos_token_id()
+        pieces, lengths = [], []
+        for texts in iter_shard_texts(shard_path):
+            for ids in tokenizer.enc.encode_ordinary_batch(texts, num_threads=num_threads or os.cpu_count() or 1):
+                pieces.append(np.asarray([bos] + ids, dtype=np.uint16))
+                lengths.append(len(ids) + 1)
+        tokens = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.uint16)
+        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        _atomic_save_npy(tok_path, tokens)
+        _atomic_save_npy(idx_path, offsets)
+        _atomic_write_bytes(meta_path, json.dumps(sig).encode())
+    return np.load(tok_path, mmap_mode="r"), np.load(idx_path)
+
+
+def tokenize_dataset(tokenizer, name=None):
+    from tqdm import tqdm
+
+    shards = list_shards("train", name) + list_shards("val", name)
+    total = 0
+    for path in tqdm(shards, desc="Tokenizing shards", unit="shard", disable=None, dynamic_ncols=True):
+        tokens, _ = tokenize_shard(tokenizer, path)
+        total += len(tokens)
+    print(f"Token cache: {total:,} tokens in {len(shards)} shard(s)")
+
+# ---------------------------------------------------------------------------
+# Dataloader: BOS-aligned best-fit packing (upstream), one numpy core + thin torch / MLX adapters
+# ---------------------------------------------------------------------------
+
+def _iter_documents(tokenizer, split, loop=True):
+    """Yield (token array of one document, epoch) in shard order; wraps around (epoch + 1) when loop=True."""
+    shards = list_shards(split)
+    epoch = 1
+    while True:
+        n = 0
+        for path in shards:
+            tokens, offsets = tokenize_shard(tokenizer, path)
+            starts, ends = offsets[:-1].tolist(), offsets[1:].tolist()
+            for s, e in zip(starts, ends):
+                yield tokens[s:e], epoch
+            n += len(starts)
+        if n == 0:
+            raise PrepareError(f"the {split} split of {DATASET!r} has no documents. Run: uv run prepare.py")
+        if not loop:
+            return
+        epoch += 1
+
+
+def pack_rows(docs, row_len, buffer_size=1000):
+    """Best-fit packing: each row starts with a document's BOS; the largest buffered document that fits goes in next;
+    when none fits, the shortest one is cropped to fill the row exactly. No padding. Yields (row, epoch), epoch being
+    the newest epoch among the row's documents. The row sequence does not depend on the batch size, so evaluation is
+    the same for every DEVICE_BATCH_SIZE."""
+    lens, buf = [], []          # buffered (document, epoch), sorted by document length
+    exhausted = False
+    while True:
+        row = np.empty(row_len, dtype=np.int64)
+        pos, row_epoch = 0, 0
+        while pos < row_len:
+            while not exhausted and len(buf) < buffer_size:
+                try:
+                    doc, epoch = next(docs)
+                except StopIteration:
+                    exhausted = True
+                    break
+                k = bisect.bisect_right(lens, len(doc))
+                lens.insert(k, len(doc))
+                buf.insert(k, (doc, epoch))
+            if not buf:
+                return          # finite stream used up: the partial row is dropped
+            remaining = row_len - pos
+            k = bisect.bisect_right(lens, remaining) - 1
+            if k >= 0:
+                lens.pop(k)
+                doc, epoch = buf.pop(k)
+                row[pos:pos + len(doc)] = doc
+                pos += len(doc)
+            else:
+                lens.pop(0)
+                doc, epoch = buf.pop(0)
+                row[pos:] = doc[:remaining]
+                pos = row_len
+            row_epoch = max(row_epoch, epoch)
+        yield row, row_epoch
+
+
+def iter_batches(tokenizer, B, T, split, buffer_size=1000):
+    """The backend-neutral core: endless (int64 array of shape (B, T+1), epoch)."""
+    n_docs = sum(len(tokenize_shard(tokenizer, path)[1]) - 1 for path in list_shards(split))
+    # A split smaller than the buffer would be pulled in several times over before the first row.
+    rows = pack_rows(_iter_documents(tokenizer, split), T + 1, max(1, min(buffer_size, n_docs)))
+    while True:
+        batch = np.empty((B, T + 1), dtype=np.int64)
+        for i in range(B):
+            batch[i], epoch = next(rows)
+        yield batch, epoch
+
+
+def make_dataloader(tokenizer, B, T, split, buffer_size=1000, device="cpu"):
+    """Yield (inputs, targets, epoch) forever. device: a torch device ("cpu", "cuda", "mps", ...) or "mlx"."""
+    batches = iter_batches(tokenizer, B, T, split, buffer_size)
+    if str(device) == "mlx":
+        import mlx.core as mx
+        for batch, epoch in batches:
+            b = mx.array(batch.astype(np.int32))
+            yield b[:, :-1], b[:, 1:], epoch
+        return
+    import torch
+    device = torch.device(device)
+    on_cuda = device.type == "cuda"
+    for batch, epoch in batches:
+        b = torch.from_numpy(batch)
+        if on_cuda:
+            b = b.pin_memory().to(device, non_blocking=True)
+        elif device.type != "cpu":
+            b = b.to(device)
+        yield b[:, :-1], b[:, 1:], epoch
+
+# ---------------------------------------------------------------------------
+# Evaluation: bits per byte (fixed metric, do not modify)
+# ---------------------------------------------------------------------------
+
+_eval_rows_cache = {}
+
+
+def eval_rows(tokenizer, T):
+    """The fixed evaluation set: the first EVAL_TOKENS // T packed rows of the validation split, in one pass
+    (a validation split smaller than that is used whole, never repeated)."""
+    key = (tokenizer.directory, T, EVAL_TOKENS)
+    if key not in _eval_rows_cache:
+        want = max(1, EVAL_TOKENS // T)
+        rows = []
+        for row, _ in pack_rows(_iter_documents(tokenizer, "val", loop=False), T + 1):
+            rows.append(row)
+            if len(rows) == want:
+                break
+        if not rows:
+            raise PrepareError(f"the validation split of {DATASET!r} is shorter than one row of {T + 1} tokens")
+        if len(rows) < want:
+            print(f"note: the validation split has only {len(rows) * T:,} tokens at T={T}; evaluating on all of it "
+                  f"(EVAL_TOKENS={EVAL_TOKENS:,})", flush=True)
+        _eval_rows_cache[key] = np.stack(rows)
+    return _eval_rows_cache[key]
+
+
+LOGITS_BUDGET_BYTES = 1 << 29    # fp32 logits per forward during evaluation stay under 512 MiB
+
+
+def evaluate_bpb(model, tokenizer, batch_size, seq_len=None):
+    """Bits per byte on the fixed evaluation set: sum of per-token nats over targets with byte length > 0,
+    divided by ln 2 x their bytes. Works for torch and MLX models whose forward is model(x, y, reduction='none')
+    -> per-token losses in nats of shape (B, T)."""
+    T = seq_len or MAX_SEQ_LEN
+    rows = eval_rows(tokenizer, T)
+    token_bytes = get_token_bytes(tokenizer)
+    vocab = len(token_bytes)
+    chunk = max(1, min(batch_size, LOGITS_BUDGET_BYTES // (T * vocab * 4)))
+    nbytes_all = token_bytes[rows[:, 1:]]
+    total_bytes = int(nbytes_all.sum())
+    if total_bytes == 0:
+        raise PrepareError("the evaluation set has no bytes (only special tokens)")
+    try:
+        import mlx.nn
+        is_mlx = isinstance(model, mlx.nn.Module)
+    except ImportError:
+        is_mlx = False
+    total_nats = 0.0
+    if is_mlx:
+        import mlx.core as mx
+        for i in range(0, len(rows), chunk):
+            b = mx.array(rows[i:i + chunk].astype(np.int32))
+            mask = mx.array(nbytes_all[i:i + chunk] > 0)
+            loss = model(b[:, :-1], b[:, 1:], reduction="none").astype(mx.float32)
+            s = mx.sum(mx.where(mask, loss, 0.0))
+            total_nats += float(s.item())
+    else:
+        import torch
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            for i in range(0, len(rows), chunk):
+                b = torch.from_numpy(rows[i:i + chunk]).to(device)
+                mask = torch.from_numpy(nbytes_all[i:i + chunk] > 0).to(device)
+                loss = model(b[:, :-1], b[:, 1:], reduction="none").float()
+                total_nats += float((loss * mask).sum().item())
+    return total_nats / (math.log(2) * total_bytes)
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+def _positive_or_all(value):
+    n = int(value)
+    if n < -1:
+        raise argparse.ArgumentTypeError("use a number of shards, or -1 for all")
+    return n
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description="Prepare data for autoresearch: download climbmix (or import local text), train the tokenizer, "
+                    "build the token cache.",
+        epilog="Environment: AUTORESEARCH_CACHE_DIR, AUTORESEARCH_DATASET, AUTORESEARCH_PROFILE, HF_ENDPOINT.")
+    parser.add_argument("--num-shards", type=_positive_or_all, default=10,
+                        help="climbmix training shards to download (default 10, -1 = all %d)" % MAX_SHARD)
+    parser.add_argument("--download-workers", type=int, default=8, help="parallel downloads (default 8)")
+    parser.add_argument("--text", nargs="+", metavar="PATH",
+                        help="import local files, folders or globs (.txt .md .jsonl .parquet) instead of downloading")
+    parser.add_argument("--name", default=None,
+                        help="dataset name for --text (default 'local'); otherwise the dataset to prepare "
+                             "(default AUTORESEARCH_DATASET or climbmix)")
+    parser.add_argument("--profile", choices=sorted(PROFILES),
+                        help="record this evaluation profile for this machine (default: chosen from the hardware)")
+    args = parser.parse_args(argv)
+    if args.download_workers < 1:
+        parser.error("--download-workers must be at least 1")
+
+    t0 = time.time()
+    if args.text:
+        name = _check_dataset_name(args.name or "local")
+        import_local_text(args.text, name)
+    else:
+        name = _check_dataset_name(args.name or DATASET)
+        if name == DEFAULT_DATASET:
+            n = MAX_SHARD if args.num_shards == -1 else args.num_shards
+            download_shards(list(range(n)) + [VAL_SHARD], data_dir(name), workers=args.download_workers)
+        else:
+            list_shards("train", name)   # a converted/imported dataset must already have its shards
+    record_profile(args.profile)
+    enc = train_tokenizer(name)
+    tokenizer = Tokenizer(enc, tokenizer_dir(name))
+    tokenize_dataset(tokenizer, name)
+    profile = get_profile()
+    print(f"Evaluation profile: {profile.describe()}")
+    print(f"Done in {time.time() - t0:.0f}s. Dataset {name!r} is ready in {dataset_dir(name)}")
+    if name != DATASET:
+        print(f"Train on it with: AUTORESEARCH_DATASET={name} uv run train.py")
+
+
+if __name__ == "__main__":
+    main()
