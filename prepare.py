@@ -762,10 +762,10 @@ def _iter_documents(tokenizer, split, loop=True):
 def pack_rows(docs, row_len, buffer_size=1000):
     """Best-fit packing: each row starts with a document's BOS; the largest buffered document that fits goes in next;
     when none fits, the shortest one is cropped to fill the row exactly. No padding. Yields (row, epoch), epoch being
-    the newest epoch among the row's documents. The row sequence does not depend on the batch size, so evaluation is
+    the newest epoch of any document placed so far. The row sequence does not depend on the batch size, so evaluation is
     the same for every DEVICE_BATCH_SIZE."""
     lens, buf = [], []          # buffered (document, epoch), sorted by document length
-    exhausted = False
+    exhausted, last_epoch = False, 1
     while True:
         row = np.empty(row_len, dtype=np.int64)
         pos, row_epoch = 0, 0
@@ -794,7 +794,8 @@ def pack_rows(docs, row_len, buffer_size=1000):
                 row[pos:] = doc[:remaining]
                 pos = row_len
             row_epoch = max(row_epoch, epoch)
-        yield row, row_epoch
+        last_epoch = max(last_epoch, row_epoch)   # best-fit can still place an older document later
+        yield row, last_epoch
 
 
 def iter_batches(tokenizer, B, T, split, buffer_size=1000):
@@ -872,11 +873,8 @@ def evaluate_bpb(model, tokenizer, batch_size, seq_len=None):
     total_bytes = int(nbytes_all.sum())
     if total_bytes == 0:
         raise PrepareError("the evaluation set has no bytes (only special tokens)")
-    try:
-        import mlx.nn
-        is_mlx = isinstance(model, mlx.nn.Module)
-    except ImportError:
-        is_mlx = False
+    mlx_nn = sys.modules.get("mlx.nn")  # an MLX model means mlx is loaded; never import it for a torch model
+    is_mlx = mlx_nn is not None and isinstance(model, mlx_nn.Module)
     total_nats = 0.0
     if is_mlx:
         import mlx.core as mx
