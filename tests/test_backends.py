@@ -1,0 +1,396 @@
+"""backends: hardware parsers on recorded command outputs, backend choice, the measured+cached CPU peak, tier
+defaults, and `python -m backends` end to end."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from backends import (BackendUnavailable, HardwareInfo, detect_backend, get_hardware_info,
+                      get_peak_flops, get_peak_memory_mb, print_hardware_summary, suggest_hyperparameters,
+                      sync_device, training_script_for)
+from backends import hardware
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "hardware"
+ON_PLAIN_CPU = sys.platform == "linux" and shutil.which("nvidia-smi") is None and not os.path.exists("/dev/kfd")
+
+
+def fixture(*parts):
+    return (FIXTURES.joinpath(*parts)).read_text()
+
+
+def apple(machine, profiler=None):
+    """Apple HardwareInfo fields from a recorded machine directory (profiler: None, 'txt' or 'json')."""
+    displays = fixture(machine, f"system_profiler.{profiler}") if profiler else None
+    return hardware.apple_fields(fixture(machine, "sysctl-brand_string.txt"), fixture(machine, "sysctl-memsize.txt"),
+                                 displays)
+
+
+@pytest.fixture
+def clean_env(monkeypatch, tmp_path):
+    """No AUTORESEARCH_* settings from the developer's shell; a private cache dir."""
+    for var in list(os.environ):
+        if var.startswith("AUTORESEARCH_"):
+            monkeypatch.delenv(var)
+    monkeypatch.setenv("AUTORESEARCH_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(hardware, "_HARDWARE_INFO", None)  # detection done here must not leak into later tests
+    return tmp_path / "cache"
+
+
+def run_module(env_extra, cwd=ROOT, args=()):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AUTORESEARCH_")}
+    env.update(env_extra)
+    return subprocess.run([sys.executable, "-m", "backends", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+# -----------------------------------------------------------------------------
+# Apple Silicon (recorded sysctl / system_profiler outputs)
+
+@pytest.mark.parametrize("machine, generation, tier, memory_gb, table_cores", [
+    ("m1", "M1", "base", 8, 8),
+    ("m3-max-30c", "M3", "max", 36, 40),
+    ("m3-max-40c", "M3", "max", 64, 40),
+    ("m4-pro", "M4", "pro", 24, 20),
+    ("m5-max", "M5", "max", 128, 40),
+    ("m2-ultra", "M2", "ultra", 192, 76),
+])
+def test_apple_chip_memory_and_table_fallback(machine, generation, tier, memory_gb, table_cores):
+    f = apple(machine)
+    assert (f["kind"], f["chip_generation"], f["chip_tier"]) == ("apple", generation, tier)
+    assert f["memory_gb"] == memory_gb and f["memory_kind"] == "unified"
+    assert (f["gpu_cores"], f["gpu_cores_source"]) == (table_cores, "table")
+    assert f["peak_flops"] == pytest.approx(table_cores * hardware.APPLE_FLOPS_PER_CORE[generation])
+    assert f["peak_flops_dtype"] == "bf16" and "guessed" in f["peak_flops_source"]
+
+
+@pytest.mark.parametrize("profiler", ["txt", "json"])
+def test_binned_m3_max_real_core_count_beats_table(profiler):
+    # Same brand string "Apple M3 Max"; only system_profiler tells the 30-core part from the 40-core one.
+    f30, f40 = apple("m3-max-30c", profiler), apple("m3-max-40c", profiler)
+    assert f30["chip_name"] == f40["chip_name"] == "Apple M3 Max"
+    assert (f30["gpu_cores"], f30["gpu_cores_source"]) == (30, "system_profiler")
+    assert (f40["gpu_cores"], f40["gpu_cores_source"]) == (40, "system_profiler")
+    assert f30["peak_flops"] == pytest.approx(30 * 0.65e12)
+    assert f40["peak_flops"] == pytest.approx(40 * 0.65e12)
+    assert f30["peak_flops_source"] == "estimate: 30 GPU cores x 0.65 TFLOPS/core (M3)"
+    assert apple("m3-max-30c")["gpu_cores"] == 40  # what the table alone would have claimed
+
+
+def test_binned_m1_and_future_chip():
+    assert apple("m1", "txt")["gpu_cores"] == 7
+    f = hardware.apple_fields("Apple M7 Ultra\n", "549755813888\n")
+    assert (f["chip_generation"], f["chip_tier"], f["memory_gb"]) == ("M7", "ultra", 512)
+    assert f["peak_flops"] == pytest.approx(80 * hardware.APPLE_FLOPS_PER_CORE["M5"])  # newest known figure
+    assert "using M5" in f["peak_flops_source"]
+    assert hardware.apple_fields("Intel(R) Core(TM) i9-9980HK CPU @ 2.40GHz\n", "34359738368\n") is None
+
+
+def test_apple_cpu_features_from_sysctl():
+    assert hardware.parse_darwin_cpu_features(fixture("m4-pro", "sysctl-hw.optional.txt")) == \
+        ["neon", "dotprod", "i8mm", "bf16", "sme", "sme2"]
+
+
+# -----------------------------------------------------------------------------
+# NVIDIA / AMD
+
+def test_nvidia_smi_h100():
+    gpus = hardware.parse_nvidia_smi(fixture("nvidia-smi-h100.csv"))
+    assert len(gpus) == 2
+    assert gpus[0] == {"name": "NVIDIA H100 80GB HBM3", "memory_gb": pytest.approx(79.65, abs=0.01),
+                       "compute_capability": "9.0"}
+    f = hardware.gpu_fields(**gpus[0])
+    assert (f["kind"], f["chip_generation"], f["memory_kind"]) == ("nvidia", "Hopper", "device")
+    assert f["peak_flops"] == 989e12 and f["peak_flops_source"] == "datasheet table: H100 SXM"
+    cfg = suggest_hyperparameters(HardwareInfo(**f))
+    assert cfg == dict(depth=8, device_batch_size=128, total_batch_size=2**19, tier="cuda-80gb")  # upstream's
+
+
+def test_nvidia_smi_unknown_gpu():
+    (gpu,) = hardware.parse_nvidia_smi(fixture("nvidia-smi-unknown.csv"))
+    f = hardware.gpu_fields(**gpu)
+    assert (f["chip_name"], f["compute_capability"], f["chip_generation"]) == ("Tesla T4", "7.5", "Turing")
+    assert f["peak_flops"] is None and f["peak_flops_source"] == "unknown"
+    assert suggest_hyperparameters(HardwareInfo(**f))["tier"] == "cuda-12gb"  # 15 GB card
+
+
+@pytest.mark.parametrize("name, label", [
+    ("NVIDIA A100-SXM4-80GB", "A100"),
+    ("NVIDIA A10", "A10"),
+    ("NVIDIA A10G", "A10G"),
+    ("NVIDIA L4", "L4"),
+    ("NVIDIA L40S", "L40S"),
+    ("NVIDIA H100 PCIe", "H100 PCIe"),
+    ("NVIDIA H100 NVL", "H100 NVL"),
+    ("NVIDIA H200", "H200"),
+    ("NVIDIA B200", "B200"),
+    ("NVIDIA GeForce RTX 3090", "RTX 3090"),
+    ("NVIDIA GeForce RTX 4090", "RTX 4090"),
+    ("NVIDIA GeForce RTX 5090", "RTX 5090"),
+    ("NVIDIA RTX 6000 Ada Generation", "RTX 6000 Ada"),
+    ("NVIDIA RTX PRO 6000 Blackwell Workstation Edition", "RTX PRO 6000 Blackwell"),
+    ("AMD Instinct MI300X", "MI300X"),
+    ("AMD Instinct MI325X", "MI325X"),
+    ("AMD Instinct MI250X/MI250", "MI250X"),
+    ("NVIDIA GeForce GTX 1080", None),
+])
+def test_gpu_peak_table_matches_the_right_part(name, label):
+    flops, got = hardware.gpu_peak_bf16(name)
+    assert got == label
+    assert (flops is None) == (label is None)
+
+
+def test_amd_gpu_through_hip():
+    f = hardware.gpu_fields("AMD Instinct MI300X", 191.98, "9.4", sm_count=304, hip_version="6.2.41133")
+    assert (f["kind"], f["hip_version"], f["peak_flops"]) == ("amd", "6.2.41133", 1.3074e15)
+
+
+# -----------------------------------------------------------------------------
+# CPU
+
+def test_cpuinfo_x86_avx2():
+    info = hardware.parse_proc_cpuinfo(fixture("cpuinfo-x86-avx2.txt"))
+    assert info["model"] == "AMD Ryzen 7 5800X 8-Core Processor"
+    assert {"avx", "avx2", "fma"} <= set(info["vector_extensions"])
+    assert not any(x.startswith(("avx512", "amx")) for x in info["vector_extensions"])
+
+
+def test_cpuinfo_x86_avx512_amx():
+    info = hardware.parse_proc_cpuinfo(fixture("cpuinfo-x86-avx512.txt"))
+    assert info["model"] == "Intel(R) Xeon(R) Platinum 8480+"
+    assert {"avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16"} <= set(info["vector_extensions"])
+
+
+def test_cpuinfo_aarch64():
+    info = hardware.parse_proc_cpuinfo(fixture("cpuinfo-aarch64.txt"))
+    assert info["model"] == "Neoverse-V1"  # no "model name" line on aarch64: named from the CPU part
+    assert info["vector_extensions"] == ["neon", "dotprod", "i8mm", "bf16", "sve"]
+
+
+def test_cpu_peak_is_measured_then_cached(clean_env):
+    t0 = time.perf_counter()
+    flops, source = hardware.measure_cpu_peak_flops()
+    first_s = time.perf_counter() - t0
+    cache_file = clean_env / "hardware.json"
+    assert flops > 1e9 and source.startswith("measured: 2048x2048 fp32 GEMM") and "saved to" in source
+    (entry,) = json.loads(cache_file.read_text())["cpu_peak_flops"].values()
+    assert entry["flops"] == flops
+    before = (cache_file.stat().st_mtime_ns, cache_file.read_bytes())
+
+    t0 = time.perf_counter()
+    again, source = hardware.measure_cpu_peak_flops()
+    second_s = time.perf_counter() - t0
+    assert again == flops and "(cached " in source
+    assert (cache_file.stat().st_mtime_ns, cache_file.read_bytes()) == before  # not re-measured, not rewritten
+    assert second_s < first_s / 3
+    # get_hardware_info reads the same cache
+    hw = get_hardware_info(refresh=True)
+    if hw.kind == "cpu":
+        assert hw.peak_flops == flops and hw.peak_flops_dtype == "fp32"
+    # A number measured while other processes were busy says so (and how to redo it).
+    data = json.loads(cache_file.read_text())
+    (key,) = data["cpu_peak_flops"]
+    data["cpu_peak_flops"][key]["busy_percent"] = 90.0
+    cache_file.write_text(json.dumps(data))
+    assert hardware.measure_cpu_peak_flops()[1].endswith(
+        "; other processes were using 90% CPU: `python -m backends --remeasure` when idle")
+
+
+def test_cpu_peak_env_override(clean_env, monkeypatch):
+    monkeypatch.setenv("AUTORESEARCH_CPU_PEAK_FLOPS", "2.5e11")
+    assert hardware.measure_cpu_peak_flops() == (2.5e11, "env: AUTORESEARCH_CPU_PEAK_FLOPS")
+    assert not (clean_env / "hardware.json").exists()
+    apple_hw = HardwareInfo(kind="apple", cpu_model="Apple M3 Max", peak_flops=26e12)
+    assert get_peak_flops(apple_hw) == 26e12
+    assert get_peak_flops(apple_hw, backend="cpu") == 2.5e11  # AUTORESEARCH_BACKEND=cpu on a Mac
+    monkeypatch.setenv("AUTORESEARCH_CPU_PEAK_FLOPS", "fast")
+    with pytest.raises(ValueError, match=r"AUTORESEARCH_CPU_PEAK_FLOPS='fast' is not a positive number") as e:
+        hardware.measure_cpu_peak_flops()
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.skipif(not ON_PLAIN_CPU, reason="expects a Linux machine without a GPU")
+def test_this_machine(clean_env, monkeypatch):
+    monkeypatch.setenv("AUTORESEARCH_CPU_PEAK_FLOPS", "1e11")
+    hw = get_hardware_info(refresh=True)
+    assert get_hardware_info() is hw  # cached per process
+    assert (hw.platform, hw.kind, hw.memory_kind) == ("linux", "cpu", "system")
+    assert hw.chip_name == hw.cpu_model and hw.cpu_model
+    assert 1 <= hw.cpu_cores <= os.cpu_count() and hw.memory_gb > 0.5
+    assert hw.peak_flops == 1e11 and hw.peak_flops_dtype == "fp32"
+    d = hw.to_dict()
+    assert json.loads(json.dumps(d)) == d
+    assert {"chip_generation", "chip_tier", "vector_extensions", "gpu_cores_source", "sm_count",
+            "compute_capability", "hip_version", "peak_flops_source"} <= set(d)
+
+
+# -----------------------------------------------------------------------------
+# Backend choice
+
+@pytest.mark.skipif(not ON_PLAIN_CPU, reason="expects a Linux machine without a GPU")
+def test_detect_backend_here(clean_env, monkeypatch):
+    assert detect_backend() == "cpu"
+    monkeypatch.setenv("AUTORESEARCH_BACKEND", " CPU ")
+    assert detect_backend() == "cpu"
+    monkeypatch.setenv("AUTORESEARCH_BACKEND", "mlx")  # MLX's CPU backend (mlx[cpu]) is installed here
+    assert detect_backend() == "mlx"
+    for forced, why in (("mps", "only on macOS"), ("cuda", "sees no GPU|CPU-only build")):
+        monkeypatch.setenv("AUTORESEARCH_BACKEND", forced)
+        with pytest.raises(BackendUnavailable, match=f"^AUTORESEARCH_BACKEND={forced} but .*({why})") as e:
+            detect_backend()
+        assert "\n" not in str(e.value) and "AUTORESEARCH_BACKEND=cpu" in str(e.value)
+
+
+def test_unknown_backend_lists_valid_ones(clean_env, monkeypatch):
+    monkeypatch.setenv("AUTORESEARCH_BACKEND", "bogus")
+    with pytest.raises(BackendUnavailable) as e:
+        detect_backend()
+    assert str(e.value) == "AUTORESEARCH_BACKEND='bogus' is not a backend; use one of: auto, mlx, mps, cuda, cpu"
+
+
+def test_training_script_for():
+    assert training_script_for("mlx") == "train_mlx.py"
+    assert [training_script_for(b) for b in ("mps", "cuda", "cpu")] == ["train.py"] * 3
+
+
+def test_device_helpers_on_cpu_and_mlx():
+    import mlx.core as mx
+    sync_device("cpu")
+    assert get_peak_memory_mb("cpu") > 10  # the process's peak RSS (a Python with numpy is well over 10 MiB)
+    x = mx.zeros((1024, 1024))  # 4 MiB
+    mx.eval(x)
+    sync_device("mlx")
+    assert get_peak_memory_mb("mlx") >= 4
+    with pytest.raises(ValueError, match="unknown backend 'metal'"):
+        get_peak_memory_mb("metal")
+
+
+# -----------------------------------------------------------------------------
+# Tier defaults
+
+HW_FOR_TIER = {
+    "apple-base": HardwareInfo(kind="apple", chip_tier="base", memory_gb=16),
+    "apple-pro": HardwareInfo(kind="apple", chip_tier="pro", memory_gb=24),
+    "apple-max": HardwareInfo(kind="apple", chip_tier="max", memory_gb=64),
+    "apple-ultra": HardwareInfo(kind="apple", chip_tier="ultra", memory_gb=192),
+    "cuda-80gb": HardwareInfo(kind="nvidia", memory_gb=79.2),   # "80 GB" H100 as torch reports it
+    "cuda-40gb": HardwareInfo(kind="nvidia", memory_gb=39.4),   # A100 40GB
+    "cuda-20gb": HardwareInfo(kind="nvidia", memory_gb=23.6),   # RTX 4090
+    "cuda-12gb": HardwareInfo(kind="amd", memory_gb=15.98),     # 16 GB card
+    "cuda-small": HardwareInfo(kind="nvidia", memory_gb=7.8),
+    "cpu": HardwareInfo(kind="cpu", memory_gb=23.5),
+}
+
+
+@pytest.mark.parametrize("tier", list(HW_FOR_TIER))
+@pytest.mark.parametrize("max_seq_len", [2048, 1024, 512, 256, 1000])
+def test_every_tier_divides_evenly(tier, max_seq_len):
+    cfg = suggest_hyperparameters(HW_FOR_TIER[tier], max_seq_len=max_seq_len)
+    assert cfg["tier"] == tier
+    micro = cfg["device_batch_size"] * max_seq_len
+    assert cfg["total_batch_size"] % micro == 0 and cfg["total_batch_size"] >= micro
+
+
+def test_tier_values():
+    s = suggest_hyperparameters
+    # Apple table: rounded *up* to whole micro-batches at 2048 context (4*2048 = 8192 > 2**12).
+    assert s(HW_FOR_TIER["apple-base"]) == dict(depth=4, device_batch_size=4, total_batch_size=8192, tier="apple-base")
+    assert s(HW_FOR_TIER["apple-max"]) == dict(depth=8, device_batch_size=16, total_batch_size=2**15, tier="apple-max")
+    assert s(HW_FOR_TIER["apple-ultra"], 512) == dict(depth=10, device_batch_size=32, total_batch_size=2**16,
+                                                      tier="apple-ultra")
+    assert s(HW_FOR_TIER["cuda-40gb"]) == dict(depth=8, device_batch_size=64, total_batch_size=2**18, tier="cuda-40gb")
+    assert s(HW_FOR_TIER["cpu"], 512) == dict(depth=4, device_batch_size=8, total_batch_size=8 * 512, tier="cpu")
+
+
+@pytest.mark.parametrize("memory_gb, tier", [(8, "apple-base"), (16, "apple-base"), (18, "apple-pro"),
+                                             (36, "apple-pro"), (48, "apple-max"), (96, "apple-max"),
+                                             (128, "apple-ultra"), (512, "apple-ultra")])
+def test_apple_tier_from_memory_when_chip_tier_unknown(memory_gb, tier):
+    assert suggest_hyperparameters(HardwareInfo(kind="apple", memory_gb=memory_gb))["tier"] == tier
+
+
+def test_backend_decides_the_table_when_it_differs_from_the_hardware():
+    assert suggest_hyperparameters(HW_FOR_TIER["apple-max"], backend="cpu")["tier"] == "cpu"
+    assert suggest_hyperparameters(HW_FOR_TIER["cuda-80gb"], backend="cpu")["tier"] == "cpu"
+    assert suggest_hyperparameters(HW_FOR_TIER["cpu"], backend="mlx")["tier"] == "cpu"  # mlx[cpu] on Linux
+    assert suggest_hyperparameters(HW_FOR_TIER["apple-max"], backend="mps")["tier"] == "apple-max"
+
+
+# -----------------------------------------------------------------------------
+# Summary and `python -m backends`
+
+def test_summary_apple_and_nvidia(capsys):
+    hw = HardwareInfo(platform="darwin", machine="arm64", cpu_model="Apple M3 Max", cpu_cores=14,
+                      cpu_physical_cores=14, vector_extensions=["neon", "bf16"], **apple("m3-max-30c", "json"))
+    print_hardware_summary(hw)
+    out = capsys.readouterr().out
+    assert "Hardware: Apple M3 Max (Apple Silicon, M3 max)" in out
+    assert "Memory: 36.0 GB unified" in out and "GPU cores: 30 (from system_profiler)" in out
+    assert "Peak bf16: 19.5 TFLOP/s (estimate: 30 GPU cores x 0.65 TFLOPS/core (M3))" in out
+    gpu = hardware.gpu_fields("NVIDIA H100 80GB HBM3", 79.2, "9.0", sm_count=132)
+    print_hardware_summary(replace(hw, **gpu, gpu_cores=None))
+    out = capsys.readouterr().out
+    assert "GPU: 132 SMs, compute capability 9.0" in out
+    assert "Peak bf16: 989.0 TFLOP/s (datasheet table: H100 SXM)" in out
+
+
+def test_import_does_not_load_torch_or_mlx():
+    code = "import sys, backends; print(sorted(m for m in ('torch', 'mlx', 'mlx.core', 'numpy') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr
+
+
+@pytest.mark.skipif(not ON_PLAIN_CPU, reason="expects a Linux machine without a GPU")
+def test_python_m_backends(tmp_path):
+    r = run_module({"AUTORESEARCH_CACHE_DIR": str(tmp_path), "AUTORESEARCH_CPU_PEAK_FLOPS": "1.5e11"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("Hardware: ")
+    assert "  Peak fp32: 150.0 GFLOP/s (env: AUTORESEARCH_CPU_PEAK_FLOPS)" in lines
+    assert "Detected backend: cpu (training script: train.py)" in lines
+    assert any(line.startswith("Evaluation profile: ") for line in lines)
+    i = next(i for i, line in enumerate(lines) if line.startswith("Suggested config (tier cpu"))
+    assert [line.split(":")[0].strip() for line in lines[i + 1:i + 4]] == ["Depth", "Device batch size",
+                                                                           "Total batch size"]
+
+
+def test_python_m_backends_forced_unavailable(tmp_path):
+    r = run_module({"AUTORESEARCH_CACHE_DIR": str(tmp_path), "AUTORESEARCH_CPU_PEAK_FLOPS": "1e11",
+                    "AUTORESEARCH_BACKEND": "mps" if sys.platform != "darwin" else "cuda"})
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    errors = [line for line in r.stdout.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith("error: AUTORESEARCH_BACKEND=")
+    assert "Detected backend" not in r.stdout
+
+
+def test_python_m_backends_without_prepare(tmp_path):
+    # A tree with backends/ but no prepare.py (or a broken one) still describes the hardware.
+    shutil.copytree(ROOT / "backends", tmp_path / "backends", ignore=shutil.ignore_patterns("__pycache__"))
+    r = run_module({"AUTORESEARCH_CACHE_DIR": str(tmp_path / "cache"), "AUTORESEARCH_CPU_PEAK_FLOPS": "1e11"},
+                   cwd=tmp_path)
+    assert r.returncode == 0 and "Evaluation profile: (prepare.py not available)" in r.stdout, r.stdout + r.stderr
+    assert "max_seq_len 2048" in r.stdout
+    (tmp_path / "prepare.py").write_text("raise RuntimeError('half-written')\n")
+    r = run_module({"AUTORESEARCH_CACHE_DIR": str(tmp_path / "cache"), "AUTORESEARCH_CPU_PEAK_FLOPS": "1e11"},
+                   cwd=tmp_path)
+    assert r.returncode == 0 and "Traceback" not in r.stderr
+    assert "Evaluation profile: (prepare.py not available: RuntimeError: half-written)" in r.stdout
+
+
+@pytest.mark.skipif(not ON_PLAIN_CPU, reason="expects a Linux machine without a GPU")
+def test_python_m_backends_remeasure(tmp_path):
+    first = run_module({"AUTORESEARCH_CACHE_DIR": str(tmp_path)})
+    assert first.returncode == 0 and "(just now, saved to " in first.stdout, first.stdout + first.stderr
+    measured_at = (tmp_path / "hardware.json").read_text()
+    again = run_module({"AUTORESEARCH_CACHE_DIR": str(tmp_path)}, args=["--remeasure"])
+    assert again.returncode == 0 and "(just now, saved to " in again.stdout, again.stdout + again.stderr
+    assert (tmp_path / "hardware.json").read_text() != measured_at
