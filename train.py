@@ -36,6 +36,10 @@ else:
     BACKEND = os.environ.get("AUTORESEARCH_TRAIN_BACKEND", "cpu")  # imported by tests: build models on the CPU
 
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+if BACKEND != "cuda":
+    # Triton only serves CUDA kernels. Elsewhere autograd still imports it (via torch._dynamo, ~1.5 s) and it prints
+    # spurious nanobind "leaked" reports at exit, so keep it out.
+    sys.modules.setdefault("triton", None)
 
 import torch
 import torch.nn as nn

@@ -1,0 +1,161 @@
+"""train.py and train_mlx.py: one model in two frameworks, one output contract, real end-to-end runs on tiny data."""
+
+import math
+import os
+import re
+
+import numpy as np
+import pytest
+
+from trainer_fixtures import (ROOT, TINY_SEQ_LEN, edit_hparams, parse_summary, run_script, scrubbed_env,
+                              tiny_dataset, tiny_scripts)  # noqa: F401  (tiny_dataset is a fixture)
+
+STEP_RE = re.compile(r"step (\d{5}) \(([\d.]+)%\) \| loss: ([\d.]+) \| lrm: ([\d.]+) \| dt: (\d+)ms \| "
+                     r"tok/sec: ([\d,]+) \| mfu: ([\d.]+)% \| epoch: (\d+) \| remaining: (\d+)s")
+SUMMARY_KEYS = ["val_bpb", "training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent", "total_tokens_M",
+                "num_steps", "num_params_M", "depth", "backend", "chip"]
+
+# ---------------------------------------------------------------------------
+# Parity: the same weights give the same loss, and the same parameters after one optimizer step
+# ---------------------------------------------------------------------------
+
+def _models(seq_len=64, depth=3, dim=64, heads=2, vocab=300, pattern="SSSL"):
+    import mlx.core as mx
+    import torch
+    import train
+    import train_mlx
+    from mlx.utils import tree_flatten, tree_map_with_path
+
+    cfg = dict(sequence_len=seq_len, vocab_size=vocab, n_layer=depth, n_head=heads, n_kv_head=heads, n_embd=dim,
+               window_pattern=pattern)
+    torch.manual_seed(0)
+    tm = train.GPT(train.GPTConfig(**cfg))
+    tm.init_weights()
+    with torch.no_grad():  # make every parameter non-trivial (zero-initialised projections hide bugs)
+        for p in tm.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    mm = train_mlx.GPT(train_mlx.GPTConfig(**cfg))
+    torch_params = dict(tm.named_parameters())
+    mlx_names = [k for k, _ in tree_flatten(mm.parameters())]
+    assert sorted(mlx_names) == sorted(torch_params), "parameter names must match between the frameworks"
+    # copy along the model's own tree (tree_unflatten would turn the value_embeds dict {"1": ...} into a list)
+    mm.update(tree_map_with_path(lambda k, _: mx.array(torch_params[k].detach().numpy()), mm.parameters()))
+    return tm, mm
+
+
+def test_same_weights_same_loss_torch_and_mlx():
+    import mlx.core as mx
+    import torch
+    tm, mm = _models()
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 300, size=(3, 64))
+    y = rng.integers(0, 300, size=(3, 64))
+    t_loss = tm(torch.from_numpy(x), torch.from_numpy(y), reduction="none").detach().numpy()
+    m_loss = np.array(mm(mx.array(x), mx.array(y), reduction="none"))
+    assert t_loss.shape == m_loss.shape == (3, 64)
+    np.testing.assert_allclose(m_loss, t_loss, rtol=2e-5, atol=2e-5)
+    assert tm.window_sizes == [32, 32, 64]   # the short windows (masked attention path) are exercised too
+
+
+def test_same_parameters_after_one_optimizer_step():
+    import mlx.core as mx
+    import mlx.nn as nn
+    import torch
+    from mlx.utils import tree_flatten
+    tm, mm = _models()
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 300, size=(2, 64))
+    y = rng.integers(0, 300, size=(2, 64))
+    kw = dict(unembedding_lr=0.004, embedding_lr=0.6, matrix_lr=0.04, weight_decay=0.2, scalar_lr=0.5)
+    t_opt = tm.setup_optimizer(**kw)
+    m_opt = mm.setup_optimizer(**kw)
+    assert [g["kind"] for g in t_opt.param_groups] == [g["kind"] for g in m_opt.param_groups]
+    tm(torch.from_numpy(x), torch.from_numpy(y)).backward()
+    t_opt.step()
+    loss, grads = nn.value_and_grad(mm, lambda m, a, b: m(a, b))(mm, mx.array(x), mx.array(y))
+    m_opt.update(mm, grads)
+    torch_params = dict(tm.named_parameters())
+    moved = 0
+    for name, value in tree_flatten(mm.parameters()):
+        t = torch_params[name].detach().numpy()
+        # AdamW's first step is ~lr * sign(g) (lr up to ~2 here): where |g| ~ eps, fp32 rounding moves a few 1e-4
+        np.testing.assert_allclose(np.array(value), t, rtol=1e-4, atol=1e-3, err_msg=name)
+        moved += 1
+    assert moved == len(torch_params)
+
+# ---------------------------------------------------------------------------
+# End to end on tiny data, both trainers
+# ---------------------------------------------------------------------------
+
+def uniform_bpb(env):
+    """The val_bpb of a model with uniform logits on the same evaluation set: log2(V) x tokens / bytes."""
+    import subprocess
+    import sys
+    code = ("import prepare, math; t = prepare.Tokenizer.from_directory(); r = prepare.eval_rows(t, prepare.MAX_SEQ_LEN);"
+            "b = prepare.get_token_bytes(t)[r[:, 1:]]; print(math.log2(t.get_vocab_size()) * (b > 0).sum() / b.sum())")
+    out = subprocess.run([sys.executable, "-c", code], env=scrubbed_env(**env), cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def check_run(r, backend, env):
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    out = r.stdout
+    steps = [STEP_RE.search(seg) for seg in out.split("\r") if seg.startswith("step ")]
+    assert steps and all(steps), "every progress segment must match the contract"
+    summary = parse_summary(out)
+    assert list(summary) == SUMMARY_KEYS
+    for line in out.rsplit("\n---\n", 1)[1].splitlines():
+        assert line.index(line.split()[1]) == 18, f"value must start at column 18: {line!r}"
+    val = float(summary["val_bpb"])
+    assert math.isfinite(val) and val < 0.8 * uniform_bpb(env)
+    assert summary["backend"] == backend
+    assert int(summary["num_steps"]) > 11 and float(summary["training_seconds"]) >= 2
+    assert f"Backend: {backend} (" in out and "Profile: cpu" in out and "Dataset: tiny" in out
+    return summary
+
+
+def test_torch_trainer_end_to_end(tiny_dataset, tmp_path):
+    tiny_scripts(tmp_path)
+    r = run_script(tmp_path / "train.py", tiny_dataset, AUTORESEARCH_BACKEND="cpu")
+    check_run(r, "cpu", tiny_dataset)
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_mlx_trainer_end_to_end(tiny_dataset, tmp_path, accum):
+    tiny_scripts(tmp_path, TOTAL_BATCH_SIZE=accum * 8 * TINY_SEQ_LEN)
+    r = run_script(tmp_path / "train_mlx.py", tiny_dataset)
+    summary = check_run(r, "mlx", tiny_dataset)
+    assert f"Gradient accumulation steps: {accum}" in r.stdout
+
+
+def test_dispatcher_runs_mlx_with_the_same_contract(tiny_dataset, tmp_path):
+    tiny_scripts(tmp_path)
+    r = run_script(tmp_path / "train.py", tiny_dataset, AUTORESEARCH_BACKEND="mlx")
+    check_run(r, "mlx", tiny_dataset)
+
+
+def test_unavailable_backend_is_one_line(tiny_dataset, tmp_path):
+    tiny_scripts(tmp_path)
+    r = run_script(tmp_path / "train.py", tiny_dataset, AUTORESEARCH_BACKEND="mps")
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert r.stderr.strip().startswith("error:") and r.stderr.strip().count("\n") == 0
+
+
+@pytest.mark.parametrize("script", ["train.py", "train_mlx.py"])
+def test_fast_fail_on_nan(tiny_dataset, tmp_path, script):
+    tiny_scripts(tmp_path, UNEMBEDDING_LR='float("nan")', EMBEDDING_LR='float("nan")')
+    r = run_script(tmp_path / script, tiny_dataset, AUTORESEARCH_BACKEND="cpu")
+    assert r.returncode != 0
+    assert "FAIL" in r.stdout.splitlines() and "---" not in r.stdout.splitlines()
+
+
+@pytest.mark.parametrize("script", ["train.py", "train_mlx.py"])
+def test_missing_data_and_tokenizer_is_one_line(tmp_path, script):
+    tiny_scripts(tmp_path)
+    env = dict(AUTORESEARCH_CACHE_DIR=str(tmp_path / "empty"), AUTORESEARCH_PROFILE="cpu",
+               AUTORESEARCH_CPU_PEAK_FLOPS="1e11")
+    r = run_script(tmp_path / script, env, AUTORESEARCH_BACKEND="cpu")
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "no tokenizer" in r.stderr and "uv run prepare.py" in r.stderr
