@@ -1,0 +1,90 @@
+"""Helpers for driving the orchestrator in tests: scripted answers, an event recorder, a fast config."""
+
+import threading
+
+from tui.config import AgentConfig
+from tui.events import AgentListener
+
+HARDWARE = {"chip_name": "Fake CPU", "kind": "cpu", "memory_gb": 16.0, "gpu_cores": None, "peak_flops": 1e11}
+TEST_KEY = "sk-ant-api03-TESTSECRET-0123456789abcdef"
+
+
+def hp_block(lr=0.01, depth=4, mode="ok", steps=5, step_sleep=0.0) -> str:
+    return (f"LEARNING_RATE = {lr}\nDEPTH = {depth}\nMODE = \"{mode}\"  # ok | crash | hang | slow | stubborn | nan | "
+            f"nanbpb | tamper | unicode | noisy\nSTEPS = {steps}\nSTEP_SLEEP = {step_sleep}\n")
+
+
+def hp_answer(description="raise the learning rate", reasoning="Higher LR trains faster in a short budget.",
+              fenced=True, **block) -> str:
+    code = hp_block(**block)
+    if fenced:
+        code = f"```python\n{code}```"
+    return f"DESCRIPTION: {description}\nREASONING: {reasoning}\nCODE:\n{code}\n"
+
+
+def file_answer(edits, description="edit the script", reasoning="Because.") -> str:
+    blocks = "".join(f"<<<<<<< SEARCH\n{s}\n=======\n{r}\n>>>>>>> REPLACE\n" for s, r in edits)
+    return f"DESCRIPTION: {description}\nREASONING: {reasoning}\n{blocks}"
+
+
+def make_config(repo, server=None, provider="anthropic", **overrides) -> AgentConfig:
+    kwargs = dict(repo=repo, tag="t1", max_experiments=3, provider=provider, script="train.py", timeout=20.0,
+                  time_budget=1.0, hardware=dict(HARDWARE), backoff_base=0.01, backoff_cap=0.05, outage_pause=0.0,
+                  kill_grace=1.0, llm_timeout=10.0, llm_attempts=3, dataset="testdata")
+    if server is not None:
+        kwargs["base_url"] = server.base_url
+        kwargs["model"] = {"anthropic": "claude-sonnet-4-6", "openai": "gpt-4.1",
+                           "ollama": "qwen2.5-coder:7b"}[server.kind]
+    kwargs.update(overrides)
+    return AgentConfig(**kwargs)
+
+
+class Recorder(AgentListener):
+    """Keeps every event; `hooks` run on the orchestrator thread (e.g. to send a command at the first step)."""
+
+    def __init__(self):
+        self.events = []
+        self.lock = threading.Lock()
+        self.on_step_hook = None
+
+    def _add(self, *event):
+        with self.lock:
+            self.events.append(event)
+
+    def on_state(self, state, message):
+        self._add("state", state.value, message)
+
+    def on_experiment_start(self, info):
+        self._add("start", info)
+
+    def on_training_process(self, pid):
+        self._add("pid", pid)
+
+    def on_output(self, line):
+        self._add("output", line)
+
+    def on_step(self, step):
+        self._add("step", step)
+        if self.on_step_hook:
+            self.on_step_hook(step)
+
+    def on_experiment_end(self, result):
+        self._add("end", result)
+
+    def on_stats(self, stats):
+        self._add("stats", stats)
+
+    def on_log(self, level, message):
+        self._add("log", level, message)
+
+    def of(self, kind):
+        return [e[1:] if len(e) > 2 else e[1] for e in self.events if e[0] == kind]
+
+    def states(self):
+        return [e[1] for e in self.events if e[0] == "state"]
+
+    def logs(self, level=None):
+        return [e[2] for e in self.events if e[0] == "log" and (level is None or e[1] == level)]
+
+    def text(self) -> str:
+        return "\n".join(" ".join(str(x) for x in e[1:]) for e in self.events)

@@ -1,0 +1,95 @@
+"""Stand-in trainer for the agent tests: prints exactly the trainer output contract, fast.
+
+val_bpb is a function of the hyperparameter block (best near LEARNING_RATE = 0.02, DEPTH = 6), so a good edit really
+improves and a bad one really worsens. MODE makes it crash, hang, diverge, tamper with prepare.py, and so on. Every
+run dumps its environment to runs/env-<pid>.json so tests can check that no secret reached it.
+"""
+
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import time
+
+# ---------------------------------------------------------------------------
+# Hyperparameters (edit these directly, no CLI flags needed)
+# ---------------------------------------------------------------------------
+
+LEARNING_RATE = 0.01
+DEPTH = 4
+MODE = "ok"  # ok | crash | hang | slow | stubborn | nan | nanbpb | tamper | unicode | noisy
+STEPS = 5
+STEP_SLEEP = 0.0
+
+# ---------------------------------------------------------------------------
+# Setup
+# ---------------------------------------------------------------------------
+
+seed = int(os.environ.get("AUTORESEARCH_SEED", "42"))
+os.makedirs("runs", exist_ok=True)
+with open(os.path.join("runs", f"env-{os.getpid()}.json"), "w") as f:
+    json.dump(dict(os.environ), f)
+print("Backend: cpu (cpu)")
+print(f"Seed {seed}, depth {DEPTH}, lr {LEARNING_RATE}")
+if MODE == "unicode":
+    print("données d'entraînement — 你好 ✓ naïve")
+if MODE == "tamper":
+    with open("prepare.py", "a") as f:
+        f.write("\nTIME_BUDGET = 1e9  # tampered\n")
+if MODE == "hang":
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    with open(os.path.join("runs", "grandchild.pid"), "w") as f:
+        f.write(str(child.pid))
+if MODE in ("slow", "stubborn"):
+    STEP_SLEEP = 0.5
+    STEPS = 400
+if MODE == "stubborn":
+    import signal
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # only SIGKILL ends it
+with open(os.path.join("runs", "trainer.pid"), "w") as f:
+    f.write(str(os.getpid()))
+
+# ---------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------
+
+t0 = time.time()
+for step in range(STEPS):
+    loss = 3.0 - 0.1 * step
+    if MODE == "nan" and step == 2:
+        loss = float("nan")
+    pct = 100.0 * (step + 1) / STEPS
+    print(f"\rstep {step:05d} ({pct:.1f}%) | loss: {loss:.6f} | lrm: 1.00 | dt: 10ms | tok/sec: 4,000 | "
+          f"mfu: 1.2% | epoch: 1 | remaining: {STEPS - step - 1}s    ", end="", flush=True)
+    if math.isnan(loss):
+        print()
+        print("FAIL")
+        sys.exit(1)
+    if MODE == "crash" and step == 2:
+        print()
+        raise ValueError("boom: shapes (4, 8) and (5, 8) do not match")
+    if MODE == "hang" and step == 1:
+        time.sleep(600)
+    time.sleep(STEP_SLEEP)
+print()
+
+val_bpb = 1.0 + 100.0 * (LEARNING_RATE - 0.02) ** 2 + 0.01 * abs(DEPTH - 6)
+if MODE == "noisy":
+    val_bpb += random.Random(seed).gauss(0.0, 0.01)
+if MODE == "nanbpb":
+    val_bpb = float("nan")
+training_seconds = time.time() - t0
+print("---")
+print(f"val_bpb:          {val_bpb:.6f}")
+print(f"training_seconds: {training_seconds:.1f}")
+print(f"total_seconds:    {training_seconds + 0.1:.1f}")
+print(f"peak_vram_mb:     {512.0 + 64 * DEPTH:.1f}")
+print(f"mfu_percent:      {1.20:.2f}")
+print(f"total_tokens_M:   {0.02 * STEPS:.1f}")
+print(f"num_steps:        {STEPS}")
+print(f"num_params_M:     {1.5 * DEPTH:.1f}")
+print(f"depth:            {DEPTH}")
+print("backend:          cpu")
+print("chip:             Fake CPU")

@@ -1,0 +1,148 @@
+"""Answer parsing and edit application for both scopes: fences, missing/doubled markers, search/replace rules."""
+
+from pathlib import Path
+
+import pytest
+
+from fakes.agent import hp_answer, hp_block
+from fakes.repo import FAKE_TRAIN
+from tui.prompt import (AnswerError, PromptContext, ScriptError, apply_proposal, find_hparams, parse_answer,
+                        user_prompt)
+
+SOURCE = FAKE_TRAIN.read_text()
+BANNER = "# " + "-" * 75
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def apply(text, scope="hparams", source=SOURCE):
+    return apply_proposal(source, parse_answer(text, scope), scope)
+
+
+def markers_intact(src):
+    assert src.count("# Hyperparameters") == 1 and src.count("# Setup") == 1
+    span = find_hparams(src)
+    compile(src, "train.py", "exec")
+    return span.body
+
+
+def test_plain_answer_replaces_only_the_block():
+    new = apply(hp_answer(lr=0.02))
+    body = markers_intact(new)
+    assert "LEARNING_RATE = 0.02" in body and "LEARNING_RATE = 0.01" not in new
+    before, after = SOURCE.split("# Hyperparameters")[0], SOURCE.split("# Setup")[1]
+    assert new.startswith(before) and new.endswith(after)
+
+
+@pytest.mark.parametrize("variant", ["with_markers", "doubled_setup", "no_opening", "no_fence", "bold_fields",
+                                     "trailing_chatter"])
+def test_marker_and_format_variants_never_break_the_script(variant):
+    block = hp_block(lr=0.03)
+    head = f"{BANNER}\n# Hyperparameters (edit these directly, no CLI flags needed)\n{BANNER}\n"
+    setup = f"{BANNER}\n# Setup\n{BANNER}\n"
+    code = {
+        "with_markers": f"```python\n{head}\n{block}\n{setup}```",
+        "doubled_setup": f"```python\n{block}\n{setup}{setup}```",
+        "no_opening": f"```python\n{BANNER}\n{block}```",
+        "no_fence": block,
+        "bold_fields": f"```python\n{block}```",
+        "trailing_chatter": f"```python\n{block}```\nThis should help because reasons.",
+    }[variant]
+    text = f"DESCRIPTION: lr 0.03\nREASONING: why\nCODE:\n{code}\n"
+    if variant == "bold_fields":
+        text = text.replace("DESCRIPTION:", "**DESCRIPTION:**").replace("REASONING:", "**REASONING:**")
+    p = parse_answer(text, "hparams")
+    assert p.description == "lr 0.03"
+    body = markers_intact(apply_proposal(SOURCE, p, "hparams"))
+    assert "LEARNING_RATE = 0.03" in body and "reasons" not in body
+
+
+@pytest.mark.parametrize("text,message", [
+    ("REASONING: x\nCODE:\nLEARNING_RATE = 1\n", "DESCRIPTION"),
+    ("DESCRIPTION: x\nREASONING: y\n", "CODE"),
+    ("DESCRIPTION: x\nCODE:\n```python\n```\n", "empty"),
+    ("", "empty"),
+])
+def test_malformed_answers_raise_answer_error(text, message):
+    with pytest.raises(AnswerError, match=message):
+        apply(text)
+
+
+def test_invalid_python_imports_and_no_change_are_rejected():
+    with pytest.raises(AnswerError, match="not valid Python"):
+        apply("DESCRIPTION: x\nCODE:\nLEARNING_RATE = = 2\n")
+    with pytest.raises(AnswerError, match="must not import"):
+        apply("DESCRIPTION: x\nCODE:\nimport os\nLEARNING_RATE = 0.02\n")
+    with pytest.raises(AnswerError, match="changes nothing"):
+        apply(hp_answer(lr=0.01))
+    with pytest.raises(AnswerError, match="only comments"):
+        apply(hp_answer(lr=0.01).replace("# ok | crash", "# a new comment | crash"))
+    # a block that parses alone but breaks the file (dedent into nothing is fine, but a dangling try is not)
+    with pytest.raises(AnswerError):
+        apply("DESCRIPTION: x\nCODE:\ntry:\n    LEARNING_RATE = 0.02\n")
+
+
+def test_file_scope_search_replace():
+    text = ("DESCRIPTION: cheaper loss\nREASONING: r\n```\n<<<<<<< SEARCH\n    loss = 3.0 - 0.1 * step\n=======\n"
+            "    loss = 3.0 - 0.2 * step\n>>>>>>> REPLACE\n```\n<<<<<<< SEARCH\nDEPTH = 4\n=======\nDEPTH = 5\n"
+            ">>>>>>> REPLACE\n")
+    p = parse_answer(text, "file")
+    assert p.reasoning == "r" and len(p.edits) == 2
+    new = apply_proposal(SOURCE, p, "file")
+    assert "0.2 * step" in new and "DEPTH = 5" in new and new.count("DEPTH = 4") == 0
+
+
+@pytest.mark.parametrize("search,message", [
+    ("print()", "matches"),  # several places
+    ("    loss  = 3.0 - 0.1 * step", "whitespace"),  # near miss
+    ("this line is not in the script", "does not match"),
+])
+def test_file_scope_requires_exact_unique_matches(search, message):
+    text = f"DESCRIPTION: x\nREASONING: y\n<<<<<<< SEARCH\n{search}\n=======\npass\n>>>>>>> REPLACE\n"
+    with pytest.raises(AnswerError, match=message):
+        apply(text, "file")
+
+
+def test_file_scope_unclosed_or_missing_blocks():
+    with pytest.raises(AnswerError, match="not closed"):
+        parse_answer("DESCRIPTION: x\n<<<<<<< SEARCH\nDEPTH = 4\n=======\nDEPTH = 5\n", "file")
+    with pytest.raises(AnswerError, match="no SEARCH/REPLACE"):
+        parse_answer("DESCRIPTION: x\nREASONING: y\nCODE:\nDEPTH = 5\n", "file")
+
+
+def test_script_without_markers_is_a_script_error():
+    with pytest.raises(ScriptError, match="Hyperparameters"):
+        find_hparams("x = 1\n")
+    with pytest.raises(ScriptError, match="Setup"):
+        find_hparams("# Hyperparameters\nx = 1\n")
+
+
+def test_prompt_contains_history_crash_tail_hardware_and_block():
+    rows = [{"exp": "exp0", "status": "keep", "val_bpb": "1.030000", "memory_gb": "0.8", "steps": "5",
+             "description": "baseline"},
+            {"exp": "exp1", "status": "crash", "val_bpb": "0.000000", "description": "deeper", "notes": "exit code 1"}]
+    ctx = PromptContext(exp=2, scope="hparams", script_name="train.py", source=SOURCE, history=rows,
+                        best_val_bpb=1.03, best_exp=0, hardware={"chip_name": "Apple M4 Max", "memory_gb": 64},
+                        backend="mlx", dataset="climbmix", time_budget=300,
+                        last_crash="exp1 (deeper): exit code 1\nValueError: boom", notes=["Plateau: change direction."])
+    text = user_prompt(ctx)
+    for needle in ("exp1", "crash", "deeper [exit code 1]", "ValueError: boom", "Apple M4 Max", "64 GB",
+                   "1.030000 (exp0)", "LEARNING_RATE = 0.01", "Plateau: change direction.", "experiment 2"):
+        assert needle in text, needle
+    assert "import json" not in text  # hparams scope shows the block, not the file
+
+
+def test_history_is_bounded():
+    rows = [{"exp": f"exp{i}", "status": "discard", "val_bpb": "1.1", "description": f"idea {i}"} for i in range(50)]
+    ctx = PromptContext(exp=50, scope="file", script_name="train.py", source=SOURCE, history=rows, history_len=10)
+    text = user_prompt(ctx)
+    assert "idea 49" in text and "idea 39" not in text and "40 earlier experiments not shown" in text
+    assert "import json" in text  # file scope shows the whole script
+
+
+@pytest.mark.parametrize("name", ["train.py", "train_mlx.py"])
+def test_real_trainers_have_a_findable_hyperparameter_block(name):
+    path = REPO_ROOT / name
+    if not path.exists():
+        pytest.skip(f"{name} not written yet")
+    span = find_hparams(path.read_text())
+    assert "=" in span.body and span.start < span.body_start < span.body_end

@@ -1,0 +1,111 @@
+"""AgentConfig: every knob of the agent loop in one dataclass, shared by dashboard.py, headless and run_suite.py."""
+
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from tui.credentials import PROVIDERS
+from tui.git_repo import validate_tag
+from tui.prompt import SCOPES
+
+DEFAULT_TIME_BUDGET = 300.0
+DEFAULT_MAX_EXPERIMENTS = 100
+PROTECTED = ("prepare.py", "backends")  # read-only for the agent: hash-checked before a result is accepted
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def default_tag() -> str:
+    return time.strftime("%b%d").lower()  # e.g. "mar17", as upstream
+
+
+def read_time_budget(repo) -> float:
+    """prepare.py's TIME_BUDGET without importing it: the env override first, then the constant in the file."""
+    raw = os.environ.get("AUTORESEARCH_TIME_BUDGET", "").strip()
+    if raw:
+        try:
+            return float(raw)
+        except ValueError:
+            pass
+    try:
+        text = (Path(repo) / "prepare.py").read_text(encoding="utf-8")
+    except OSError:
+        return DEFAULT_TIME_BUDGET
+    m = re.search(r"^TIME_BUDGET(?:_DEFAULT)?\s*=\s*([\d.]+)", text, re.MULTILINE)
+    return float(m.group(1)) if m else DEFAULT_TIME_BUDGET
+
+
+def default_timeout(time_budget: float) -> float:
+    """Budget plus a generous allowance for startup, compilation and evaluation."""
+    return time_budget + max(300.0, time_budget)
+
+
+@dataclass
+class AgentConfig:
+    repo: Path = Path(".")
+    tag: str = field(default_factory=default_tag)
+    max_experiments: int = DEFAULT_MAX_EXPERIMENTS  # total for the tag, baseline (exp0) included
+    provider: str = "anthropic"
+    model: str | None = None  # None: the provider's default (tui.llm.DEFAULT_MODELS)
+    base_url: str | None = None
+    scope: str = "hparams"  # "hparams" | "file"
+    script: str | None = None  # None: the script for the detected backend
+    results: Path | None = None  # None: <repo>/results.tsv
+    runs_dir: Path | None = None  # None: <repo>/runs
+    status_file: Path | None = None  # None: .runner_status.json next to the results file
+    timeout: float | None = None  # training deadline in seconds; None: time budget + max(300, time budget)
+    time_budget: float | None = None  # None: read from prepare.py / AUTORESEARCH_TIME_BUDGET
+    history_len: int = 30  # past results shown in the prompt
+    dataset: str = field(default_factory=lambda: os.environ.get("AUTORESEARCH_DATASET") or "climbmix")
+    python: str = sys.executable
+    seed: int | None = None  # AUTORESEARCH_SEED for the trainer; None leaves the trainer's default
+    protected: tuple = PROTECTED
+    keep_rule: str = "single"
+    hardware: dict | None = None  # None: detect with backends.get_hardware_info()
+    # LLM calls
+    max_tokens: int = 4096
+    llm_timeout: float = 300.0
+    llm_attempts: int = 6
+    backoff_base: float = 2.0
+    backoff_cap: float = 120.0
+    retry_after_cap: float = 600.0
+    outage_pause: float = 300.0  # pause after an experiment was skipped because the LLM stayed unavailable
+    # guards against burning a night on a broken setup
+    max_consecutive_skips: int = 10
+    max_consecutive_crashes: int = 20
+    kill_grace: float = 5.0
+
+    def resolved(self) -> "AgentConfig":
+        """A copy with every default filled in and every value checked; raises ConfigError with one line."""
+        repo = Path(self.repo).expanduser().resolve()
+        if not repo.is_dir():
+            raise ConfigError(f"repository directory {repo} does not exist")
+        try:
+            validate_tag(self.tag)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if self.provider not in PROVIDERS:
+            raise ConfigError(f"unknown provider {self.provider!r}: choose one of {', '.join(PROVIDERS)}")
+        if self.scope not in SCOPES:
+            raise ConfigError(f"unknown scope {self.scope!r}: choose hparams or file")
+        if self.max_experiments < 1:
+            raise ConfigError("--max must be at least 1 (the baseline is experiment 0)")
+        if self.timeout is not None and self.timeout <= 0:
+            raise ConfigError("--timeout must be a positive number of seconds")
+        budget = self.time_budget if self.time_budget is not None else read_time_budget(repo)
+        results = Path(self.results).expanduser() if self.results else repo / "results.tsv"
+        results = results if results.is_absolute() else (repo / results)
+        runs = Path(self.runs_dir).expanduser() if self.runs_dir else repo / "runs"
+        runs = runs if runs.is_absolute() else (repo / runs)
+        status = Path(self.status_file) if self.status_file else results.parent / ".runner_status.json"
+        return replace(self, repo=repo, results=results.resolve(), runs_dir=runs.resolve(), status_file=status,
+                       time_budget=budget, timeout=self.timeout or default_timeout(budget))
+
+    @property
+    def branch(self) -> str:
+        return f"autoresearch/{self.tag}"

@@ -1,0 +1,172 @@
+"""Git through subprocess with timeouts: exactly the operations the agent needs, nothing that touches other files.
+
+Reverting an experiment restores the training script alone (from the experiment's parent) and, when the experiment
+commit is HEAD and not on any remote, drops that commit with a soft reset: no other tracked file and no untracked
+file is ever touched. Each experiment commit stays reachable under refs/autoresearch/<tag>/expN so its diff can be
+shown later even after it was dropped from the branch.
+"""
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+GIT_TIMEOUT = 30.0
+REF_NAMESPACE = "refs/autoresearch"
+FALLBACK_IDENTITY = {"GIT_AUTHOR_NAME": "autoresearch", "GIT_AUTHOR_EMAIL": "autoresearch@localhost",
+                     "GIT_COMMITTER_NAME": "autoresearch", "GIT_COMMITTER_EMAIL": "autoresearch@localhost"}
+TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class GitError(RuntimeError):
+    pass
+
+
+def validate_tag(tag: str) -> str:
+    """A tag becomes part of the branch autoresearch/<tag>: keep it to a plain, safe ref component."""
+    if not TAG_RE.match(tag or "") or ".." in tag or tag.endswith((".", ".lock")):
+        raise ValueError(f"invalid --tag {tag!r}: use letters, digits, '.', '_' or '-' (e.g. --tag mar17)")
+    return tag
+
+
+class GitRepo:
+    def __init__(self, path, timeout: float = GIT_TIMEOUT):
+        self.path = Path(path)
+        self.timeout = timeout
+        self._identity_env: dict | None = None
+
+    # -- plumbing --------------------------------------------------------------
+
+    def run(self, *args, check: bool = True, env: dict | None = None) -> str:
+        full_env = None
+        if env:
+            full_env = dict(os.environ)
+            full_env.update(env)
+        try:
+            p = subprocess.run(["git", *args], cwd=self.path, capture_output=True, text=True, timeout=self.timeout,
+                               env=full_env, stdin=subprocess.DEVNULL, encoding="utf-8", errors="replace")
+        except FileNotFoundError:
+            raise GitError("git is not installed or not on PATH") from None
+        except subprocess.TimeoutExpired:
+            raise GitError(f"git {' '.join(args)} timed out after {self.timeout:.0f}s") from None
+        if check and p.returncode != 0:
+            msg = (p.stderr.strip() or p.stdout.strip()).splitlines()
+            raise GitError(f"git {' '.join(args)} failed: {msg[-1] if msg else f'exit code {p.returncode}'}")
+        return p.stdout
+
+    def ok(self, *args) -> bool:
+        """True when the git command exits 0 (for yes/no questions such as diff --quiet)."""
+        try:
+            p = subprocess.run(["git", *args], cwd=self.path, capture_output=True, timeout=self.timeout,
+                               stdin=subprocess.DEVNULL)
+        except (FileNotFoundError, subprocess.TimeoutExpired) as e:
+            raise GitError(f"git {' '.join(args)} failed: {e}") from None
+        return p.returncode == 0
+
+    def is_repo(self) -> bool:
+        try:
+            return self.run("rev-parse", "--is-inside-work-tree", check=False).strip() == "true"
+        except GitError:
+            return False
+
+    def toplevel(self) -> Path:
+        return Path(self.run("rev-parse", "--show-toplevel").strip())
+
+    def has_commits(self) -> bool:
+        return bool(self.run("rev-parse", "--verify", "-q", "HEAD", check=False).strip())
+
+    # -- queries ----------------------------------------------------------------
+
+    def head(self, short: bool = False) -> str:
+        return self.run("rev-parse", *(["--short=7"] if short else []), "HEAD").strip()
+
+    def short(self, rev: str) -> str:
+        return self.run("rev-parse", "--short=7", rev).strip()
+
+    def current_branch(self) -> str:
+        return self.run("rev-parse", "--abbrev-ref", "HEAD").strip()
+
+    def head_subject(self) -> str:
+        return self.run("log", "-1", "--format=%s").strip()
+
+    def branch_exists(self, branch: str) -> bool:
+        return bool(self.run("rev-parse", "--verify", "-q", f"refs/heads/{branch}", check=False).strip())
+
+    def is_tracked(self, path: str) -> bool:
+        return bool(self.run("ls-files", "--", path).strip())
+
+    def dirty_tracked_files(self) -> list[str]:
+        """Tracked files with staged or unstaged changes (untracked files are the user's business, never ours)."""
+        out = self.run("status", "--porcelain=v1", "-z", "--untracked-files=no")
+        files, entries = [], out.split("\0")
+        i = 0
+        while i < len(entries):
+            entry = entries[i]
+            if len(entry) > 3:
+                files.append(entry[3:])
+                if entry[0] in "RC":  # renames carry the old path as the next entry
+                    i += 1
+            i += 1
+        return files
+
+    def on_remote(self, rev: str) -> bool:
+        return bool(self.run("branch", "-r", "--contains", rev, check=False).strip())
+
+    def show(self, rev: str, path: str) -> bytes:
+        p = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=self.path, capture_output=True,
+                           timeout=self.timeout, stdin=subprocess.DEVNULL)
+        if p.returncode != 0:
+            raise GitError(f"git show {rev}:{path} failed: {p.stderr.decode(errors='replace').strip()}")
+        return p.stdout
+
+    def diff(self, rev: str, path: str | None = None) -> str:
+        """The diff an experiment commit introduced (for the dashboard's diff view)."""
+        return self.run("show", "--format=%h %s%n", rev, *(["--", path] if path else []))
+
+    # -- changes ------------------------------------------------------------------
+
+    def _commit_env(self) -> dict:
+        """Use the user's identity; fall back to a neutral one so a fresh machine does not stop the loop."""
+        if self._identity_env is None:
+            name = self.run("config", "user.name", check=False).strip()
+            email = self.run("config", "user.email", check=False).strip()
+            self._identity_env = {} if (name and email) else dict(FALLBACK_IDENTITY)
+        return self._identity_env
+
+    def checkout_branch(self, branch: str) -> bool:
+        """Check out branch, creating it from HEAD when it does not exist. Returns True when it was created."""
+        if self.branch_exists(branch):
+            if self.current_branch() != branch:
+                self.run("checkout", "-q", branch)
+            return False
+        self.run("checkout", "-q", "-b", branch)
+        return True
+
+    def commit_file(self, path: str, message: str) -> str:
+        """Commit exactly one path (other staged changes stay staged, uncommitted). Returns the new HEAD sha."""
+        self.run("add", "--", path)
+        self.run("-c", "commit.gpgsign=false", "commit", "-q", "--no-verify", "-m", message, "--", path,
+                 env=self._commit_env())
+        return self.head()
+
+    def keep_ref(self, tag: str, exp: int, sha: str, run: int = 0) -> None:
+        name = f"{REF_NAMESPACE}/{tag}/exp{exp}" + (f"-r{run}" if run else "")
+        self.run("update-ref", name, sha)
+
+    def restore_file(self, rev: str, path: str) -> None:
+        """Index and work-tree copy of one path back to rev; nothing else changes."""
+        self.run("restore", f"--source={rev}", "--staged", "--worktree", "--", path)
+
+    def revert_experiment(self, sha: str, path: str, message: str) -> str:
+        """Undo experiment commit `sha` for `path`. Returns 'dropped' or 'reverted'."""
+        if self.head() == sha and not self.on_remote(sha):
+            # restore first, then move HEAD: a crash in between leaves HEAD on the experiment commit, which the
+            # next start recognises as interrupted and reverts again
+            self.restore_file(f"{sha}^", path)
+            self.run("reset", "-q", "--soft", f"{sha}^")
+            return "dropped"
+        self.restore_file(f"{sha}^", path)
+        if not self.ok("diff", "--quiet", "HEAD", "--", path):
+            self.run("-c", "commit.gpgsign=false", "commit", "-q", "--no-verify", "-m", message, "--", path,
+                     env=self._commit_env())
+        return "reverted"

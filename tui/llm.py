@@ -1,0 +1,277 @@
+"""The small LLM provider interface, the provider factory, our retry/backoff policy and token/cost accounting.
+
+Every provider module maps its SDK's exceptions to LLMError with one of three kinds:
+    retryable  429 / 529 / 5xx / 408 / timeouts / connection errors (retried with backoff, Retry-After honoured)
+    fatal      authentication, permission, billing/quota, unknown model (the loop stops with a clear message)
+    request    any other rejected request (this experiment is skipped, no retry)
+The SDKs' own retries are switched off (max_retries=0) so this module is the one place that decides.
+"""
+
+import random
+import threading
+import time
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+
+# ---------------------------------------------------------------------------
+# Defaults and prices
+# ---------------------------------------------------------------------------
+
+DEFAULT_MODELS = {
+    "anthropic": "claude-sonnet-4-6",
+    "openai": "gpt-4.1",
+    "openrouter": "anthropic/claude-sonnet-4.6",
+    "ollama": "qwen2.5-coder:32b",
+}
+OPENROUTER_URL = "https://openrouter.ai/api/v1"
+
+# USD per million tokens (input, output), list prices as published by the vendors. Unknown models get no cost
+# (shown as unknown), never a guess.
+PRICES = {
+    "claude-opus-4-6": (5.0, 25.0),
+    "claude-opus-4-5": (5.0, 25.0),
+    "claude-opus-4-1": (15.0, 75.0),
+    "claude-opus-4": (15.0, 75.0),
+    "claude-sonnet-4-6": (3.0, 15.0),
+    "claude-sonnet-4-5": (3.0, 15.0),
+    "claude-sonnet-4": (3.0, 15.0),
+    "claude-haiku-4-5": (1.0, 5.0),
+    "gpt-4.1": (2.0, 8.0),
+    "gpt-4.1-mini": (0.4, 1.6),
+    "gpt-4.1-nano": (0.1, 0.4),
+    "gpt-4o": (2.5, 10.0),
+    "gpt-4o-mini": (0.15, 0.6),
+    "gpt-5": (1.25, 10.0),
+    "gpt-5-mini": (0.25, 2.0),
+    "gpt-5-nano": (0.05, 0.4),
+}
+
+# ---------------------------------------------------------------------------
+# Interface
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class LLMReply:
+    text: str
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+
+class LLMError(Exception):
+    def __init__(self, kind: str, message: str, status: int | None = None, retry_after: float | None = None):
+        super().__init__(message)
+        self.kind = kind  # "retryable" | "fatal" | "request"
+        self.status = status
+        self.retry_after = retry_after
+
+
+class Provider:
+    """What the orchestrator needs from an LLM. One subclass per provider module."""
+
+    name = "provider"
+
+    def __init__(self, model: str):
+        self.model = model
+
+    def check(self) -> None:
+        """A cheap call that proves the key and the endpoint work; raises LLMError."""
+        raise NotImplementedError
+
+    def complete(self, system: str, messages: list[dict]) -> LLMReply:
+        """messages: [{"role": "user"|"assistant", "content": str}, ...]; raises LLMError."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.model})"
+
+
+def make_provider(provider: str, model: str | None, api_key: str | None, base_url: str | None = None,
+                  timeout: float = 300.0, max_tokens: int = 4096) -> Provider:
+    model = model or DEFAULT_MODELS[provider]
+    if provider == "anthropic":
+        from tui.provider_anthropic import AnthropicProvider
+        return AnthropicProvider(model, api_key, base_url, timeout, max_tokens)
+    if provider in ("openai", "openrouter"):
+        from tui.provider_openai import OpenAIProvider
+        url = base_url or (OPENROUTER_URL if provider == "openrouter" else None)
+        return OpenAIProvider(model, api_key, url, timeout, max_tokens, name=provider)
+    if provider == "ollama":
+        from tui.provider_ollama import OllamaProvider
+        return OllamaProvider(model, base_url, timeout, max_tokens, api_key=api_key)
+    raise ValueError(f"unknown provider {provider!r}")
+
+
+# ---------------------------------------------------------------------------
+# Error classification helpers shared by the provider modules
+# ---------------------------------------------------------------------------
+
+BILLING_WORDS = ("credit balance", "insufficient_quota", "insufficient quota", "billing", "payment required",
+                 "insufficient_credits", "exceeded your current quota")
+
+
+def parse_retry_after(headers) -> float | None:
+    """Retry-After in seconds (or an HTTP date), or retry-after-ms; None when absent or unreadable."""
+    if not headers:
+        return None
+    ms = headers.get("retry-after-ms")
+    if ms:
+        try:
+            return max(0.0, float(ms) / 1000.0)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+def classify_status(status: int, message: str, retry_after: float | None = None) -> LLMError:
+    low = message.lower()
+    if status == 402 or any(w in low for w in BILLING_WORDS):
+        return LLMError("fatal", f"billing/quota problem (HTTP {status}): {message}", status)
+    if status == 401:
+        return LLMError("fatal", f"authentication failed (HTTP 401): {message}", status)
+    if status == 403:
+        return LLMError("fatal", f"permission denied (HTTP 403): {message}", status)
+    if status == 404:
+        return LLMError("fatal", f"model or endpoint not found (HTTP 404): {message}", status)
+    if status in (408, 409, 425, 429) or status >= 500:
+        return LLMError("retryable", f"HTTP {status}: {message}", status, retry_after)
+    return LLMError("request", f"request rejected (HTTP {status}): {message}", status)
+
+
+# ---------------------------------------------------------------------------
+# Retry policy
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class RetryPolicy:
+    attempts: int = 6  # calls per request before giving up
+    base: float = 2.0  # first backoff, doubled each attempt
+    cap: float = 120.0  # longest computed backoff
+    retry_after_cap: float = 600.0  # longest wait we accept from a Retry-After header
+
+    def delay(self, attempt: int, err: LLMError) -> float:
+        if err.retry_after is not None:
+            return min(err.retry_after, self.retry_after_cap)
+        return min(self.cap, self.base * (2 ** attempt)) * random.uniform(0.8, 1.2)
+
+
+class Interrupted(Exception):
+    """A stop/abort/skip command arrived while waiting for the LLM."""
+
+
+def call_with_retry(fn, policy: RetryPolicy, wait, on_retry=None):
+    """Call fn() until it succeeds, a non-retryable LLMError is raised, or attempts run out (last error re-raised).
+
+    wait(seconds) -> bool sleeps interruptibly and returns False when the caller wants to give up (then Interrupted).
+    on_retry(attempt, delay, err) is told about each retry.
+    """
+    for attempt in range(policy.attempts):
+        try:
+            return fn()
+        except LLMError as err:
+            if err.kind != "retryable" or attempt == policy.attempts - 1:
+                raise
+            delay = policy.delay(attempt, err)
+            if on_retry:
+                on_retry(attempt + 1, delay, err)
+            if not wait(delay):
+                raise Interrupted() from None
+    raise AssertionError("unreachable")
+
+
+def run_interruptibly(fn, cancelled, poll: float = 0.05):
+    """Run a blocking call in a daemon thread so a stop/abort command does not wait for a slow HTTP response.
+
+    cancelled() -> bool is polled; when it turns true the call is abandoned (its result is dropped) and Interrupted
+    is raised.
+    """
+    box: dict = {}
+    done = threading.Event()
+
+    def target():
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # handed to the caller's thread
+            box["error"] = e
+        finally:
+            done.set()
+
+    threading.Thread(target=target, name="llm-call", daemon=True).start()
+    while not done.wait(poll):
+        if cancelled():
+            raise Interrupted()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+# ---------------------------------------------------------------------------
+# Token and cost accounting
+# ---------------------------------------------------------------------------
+
+
+def _price_key(model: str) -> str:
+    name = model.split("/")[-1].lower()  # openrouter: "anthropic/claude-sonnet-4.6"
+    name = name.replace(".", "-")
+    for suffix in ("-latest",):
+        name = name.removesuffix(suffix)
+    return name
+
+
+def price_for(model: str) -> tuple[float, float] | None:
+    key = _price_key(model)
+    if key in PRICES:
+        return PRICES[key]
+    # dated snapshots ("claude-sonnet-4-5-20250929", "gpt-4.1-2025-04-14") cost what their family costs
+    best = max((k for k in PRICES if key.startswith(k + "-")), key=len, default=None)
+    return PRICES[best] if best else None
+
+
+def estimate_cost(model: str, input_tokens: int, output_tokens: int, free: bool = False) -> float | None:
+    if free:
+        return 0.0
+    price = price_for(model)
+    if price is None:
+        return None
+    return (input_tokens * price[0] + output_tokens * price[1]) / 1e6
+
+
+@dataclass
+class Usage:
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float | None = 0.0  # None once any call had an unknown price
+    calls: int = 0
+
+    @property
+    def tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+    def add(self, reply: LLMReply, model: str, free: bool = False) -> None:
+        self.calls += 1
+        self.input_tokens += reply.input_tokens
+        self.output_tokens += reply.output_tokens
+        cost = estimate_cost(model, reply.input_tokens, reply.output_tokens, free)
+        self.cost_usd = None if (cost is None or self.cost_usd is None) else self.cost_usd + cost
+
+    def merge(self, other: "Usage") -> None:
+        self.calls += other.calls
+        self.input_tokens += other.input_tokens
+        self.output_tokens += other.output_tokens
+        self.cost_usd = None if (other.cost_usd is None or self.cost_usd is None) else self.cost_usd + other.cost_usd
+
+
+def format_cost(cost: float | None) -> str:
+    return "unknown" if cost is None else f"${cost:.4f}"
+

@@ -1,0 +1,370 @@
+"""Prompt building, answer parsing and applying edits, for both edit scopes.
+
+scope "hparams": the model sees the hyperparameter block and answers DESCRIPTION / REASONING / CODE, CODE being the
+new block. The marker banners are always rebuilt from the current script, so a missing, doubled or mangled marker in
+the answer can never break the script for the next experiment.
+scope "file": the model sees the whole training script and answers DESCRIPTION / REASONING followed by one or more
+SEARCH/REPLACE blocks; each SEARCH text must occur exactly once.
+Anything wrong raises AnswerError with a message written for the model: the orchestrator sends it back once as a
+corrective retry.
+"""
+
+import ast
+import re
+from dataclasses import dataclass, field
+
+# ---------------------------------------------------------------------------
+# Markers and formats
+# ---------------------------------------------------------------------------
+
+BANNER_RE = re.compile(r"^\s*#\s*-{3,}\s*$")
+HPARAMS_RE = re.compile(r"^\s*#\s*Hyperparameters\b")
+SETUP_RE = re.compile(r"^\s*#\s*Setup\b")
+SEARCH_RE = re.compile(r"^\s*<{5,9}\s*SEARCH\s*$")
+DIVIDER_RE = re.compile(r"^\s*={5,9}\s*$")
+REPLACE_RE = re.compile(r"^\s*>{5,9}\s*REPLACE\s*$")
+FENCE_RE = re.compile(r"^\s*(```|~~~)")
+FIELD_RE = r"^[\s*#>_]*{name}[\s*_]*:[\s*_]*"  # tolerates **DESCRIPTION:** and ## REASONING:
+
+SCOPES = ("hparams", "file")
+CRASH_TAIL_CHARS = 3000
+DESCRIPTION_MAX = 200
+
+FORMAT_HPARAMS = """DESCRIPTION: <one line, under 80 characters, saying what you changed>
+REASONING: <2-3 sentences: why you expect this to lower val_bpb>
+CODE:
+```python
+<the complete new hyperparameter block: every line between the "# Hyperparameters" banner and the "# Setup" banner>
+```"""
+
+FORMAT_FILE = """DESCRIPTION: <one line, under 80 characters, saying what you changed>
+REASONING: <2-3 sentences: why you expect this to lower val_bpb>
+<<<<<<< SEARCH
+<lines copied exactly from the current script>
+=======
+<the lines that replace them>
+>>>>>>> REPLACE
+(one or more SEARCH/REPLACE blocks; each SEARCH text must match the current script exactly, whitespace included,
+and occur exactly once; include enough surrounding lines to make it unique)"""
+
+
+class AnswerError(ValueError):
+    """The answer cannot be used; the message tells the model what was wrong."""
+
+
+class ScriptError(RuntimeError):
+    """The training script itself lacks what the scope needs (e.g. no hyperparameter markers)."""
+
+
+@dataclass
+class Proposal:
+    description: str
+    reasoning: str
+    code: str | None = None  # scope hparams: the new block body
+    edits: list = field(default_factory=list)  # scope file: [(search, replace), ...]
+
+
+# ---------------------------------------------------------------------------
+# The hyperparameter block
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class HparamsSpan:
+    lines: list  # the script's lines (with line endings)
+    start: int  # first banner line of the opening marker
+    body_start: int  # first line after the opening marker
+    body_end: int  # first line of the closing marker (the banner before "# Setup", or "# Setup" itself)
+
+    @property
+    def block(self) -> str:
+        """Opening marker + body, as shown to the model."""
+        return "".join(self.lines[self.start:self.body_end])
+
+    @property
+    def body(self) -> str:
+        return "".join(self.lines[self.body_start:self.body_end])
+
+
+def find_hparams(source: str) -> HparamsSpan:
+    lines = source.splitlines(keepends=True)
+    i_h = next((i for i, ln in enumerate(lines) if HPARAMS_RE.match(ln)), None)
+    if i_h is None:
+        raise ScriptError("the training script has no '# Hyperparameters' marker comment; restore it or use "
+                          "--scope file")
+    i_s = next((i for i in range(i_h + 1, len(lines)) if SETUP_RE.match(lines[i])), None)
+    if i_s is None:
+        raise ScriptError("the training script has no '# Setup' marker comment after the hyperparameter block; "
+                          "restore it or use --scope file")
+    start = i_h - 1 if i_h > 0 and BANNER_RE.match(lines[i_h - 1]) else i_h
+    body_start = i_h + 2 if i_h + 1 < i_s and BANNER_RE.match(lines[i_h + 1]) else i_h + 1
+    body_end = i_s - 1 if i_s - 1 >= body_start and BANNER_RE.match(lines[i_s - 1]) else i_s
+    return HparamsSpan(lines, start, body_start, body_end)
+
+
+def _clean_block(code: str) -> str:
+    """The model's CODE -> a block body: markers it copied (or half-copied, or doubled) are dropped."""
+    lines = code.replace("\r\n", "\n").split("\n")
+    while lines and (not lines[0].strip() or BANNER_RE.match(lines[0]) or HPARAMS_RE.match(lines[0])):
+        lines.pop(0)
+    cut = next((i for i, ln in enumerate(lines) if SETUP_RE.match(ln)), None)
+    if cut is not None:
+        lines = lines[:cut]
+    while lines and (not lines[-1].strip() or BANNER_RE.match(lines[-1])):
+        lines.pop()
+    if not lines:
+        raise AnswerError("the CODE section is empty: send the complete hyperparameter block")
+    return "\n".join(ln.rstrip() for ln in lines) + "\n"
+
+
+def replace_hparams(source: str, code: str) -> str:
+    span = find_hparams(source)
+    body = _clean_block(code)
+    try:
+        tree = ast.parse(body)
+    except SyntaxError as e:
+        raise AnswerError(f"the new hyperparameter block is not valid Python: {e.msg} "
+                          f"(line {e.lineno} of the block)") from None
+    if any(isinstance(n, (ast.Import, ast.ImportFrom)) for n in ast.walk(tree)):
+        raise AnswerError("the hyperparameter block must not import anything: only change values")
+    if span.body.endswith(("\n\n", "\n\r\n")):
+        body += "\n"  # keep the blank lines the script had around the block
+    if span.body.startswith(("\n", "\r\n")):
+        body = "\n" + body
+    return "".join(span.lines[:span.body_start]) + body + "".join(span.lines[span.body_end:])
+
+
+# ---------------------------------------------------------------------------
+# Answer parsing
+# ---------------------------------------------------------------------------
+
+
+def _field(text: str, name: str) -> re.Match | None:
+    return re.search(FIELD_RE.format(name=name), text, re.IGNORECASE | re.MULTILINE)
+
+
+def _strip_fences(text: str) -> str:
+    """The first fenced block's content if there is one, else the text itself."""
+    lines = text.split("\n")
+    opens = [i for i, ln in enumerate(lines) if FENCE_RE.match(ln)]
+    if not opens:
+        return text
+    first = opens[0]
+    close = next((i for i in opens if i > first), None)
+    return "\n".join(lines[first + 1:close] if close is not None else lines[first + 1:])
+
+
+def parse_edits(text: str) -> list:
+    edits, mode, search, replace = [], None, [], []
+    for line in text.split("\n"):
+        if SEARCH_RE.match(line):
+            if mode is not None:
+                raise AnswerError("a SEARCH block was opened before the previous one was closed with '>>>>>>> REPLACE'")
+            mode, search, replace = "search", [], []
+        elif DIVIDER_RE.match(line) and mode == "search":
+            mode = "replace"
+        elif REPLACE_RE.match(line) and mode == "replace":
+            edits.append(("\n".join(search), "\n".join(replace)))
+            mode = None
+        elif mode == "search":
+            search.append(line)
+        elif mode == "replace":
+            replace.append(line)
+    if mode is not None:
+        raise AnswerError("a SEARCH/REPLACE block is not closed: each needs '=======' and '>>>>>>> REPLACE' lines")
+    return edits
+
+
+def parse_answer(text: str, scope: str) -> Proposal:
+    text = (text or "").replace("\r\n", "\n")
+    if not text.strip():
+        raise AnswerError("the answer was empty")
+    d = _field(text, "DESCRIPTION")
+    if not d:
+        raise AnswerError("the answer has no 'DESCRIPTION:' line")
+    description = " ".join(text[d.end():].split("\n", 1)[0].replace("*", "").split())[:DESCRIPTION_MAX]
+    if not description:
+        raise AnswerError("the DESCRIPTION line is empty")
+    r = _field(text, "REASONING")
+    if scope == "hparams":
+        c = _field(text, "CODE")
+        if not c:
+            raise AnswerError("the answer has no 'CODE:' section with the new hyperparameter block")
+        reasoning = text[r.end():c.start()].strip() if r and r.start() < c.start() else ""
+        code = _strip_fences(text[c.end():])
+        if not code.strip():
+            raise AnswerError("the CODE section is empty: send the complete hyperparameter block")
+        return Proposal(description, reasoning, code=code)
+    edits = parse_edits(text)
+    if not edits:
+        raise AnswerError("the answer has no SEARCH/REPLACE block ('<<<<<<< SEARCH' ... '=======' ... "
+                          "'>>>>>>> REPLACE')")
+    reasoning = ""
+    if r:
+        rest = text[r.end():]
+        stop = re.search(r"^\s*(<{5,9}\s*SEARCH|```|~~~)", rest, re.MULTILINE)
+        reasoning = (rest[:stop.start()] if stop else rest).strip()
+    return Proposal(description, reasoning, edits=edits)
+
+
+# ---------------------------------------------------------------------------
+# Applying and validating
+# ---------------------------------------------------------------------------
+
+
+def apply_edits(source: str, edits: list) -> str:
+    text = source
+    for i, (search, replace) in enumerate(edits, 1):
+        if not search.strip():
+            raise AnswerError(f"SEARCH block {i} is empty: copy the lines to replace from the current script")
+        n = text.count(search)
+        if n == 0:
+            hint = (" (it differs only in whitespace or indentation: copy the lines exactly)"
+                    if " ".join(search.split()) in " ".join(text.split()) else "")
+            raise AnswerError(f"SEARCH block {i} does not match the current script{hint}")
+        if n > 1:
+            raise AnswerError(f"SEARCH block {i} matches {n} places: include more surrounding lines so it is unique")
+        text = text.replace(search, replace, 1)
+    return text
+
+
+def apply_proposal(source: str, proposal: Proposal, scope: str, filename: str = "train.py") -> str:
+    """The new script text; raises AnswerError when the edit cannot be used."""
+    if scope == "hparams":
+        new = replace_hparams(source, proposal.code or "")
+    else:
+        new = apply_edits(source, proposal.edits)
+    if new == source:
+        raise AnswerError("the edit changes nothing: propose an actual change")
+    try:
+        tree = compile(new, filename, "exec", ast.PyCF_ONLY_AST)
+        compile(tree, filename, "exec")
+    except SyntaxError as e:
+        where = f"line {e.lineno}: {e.text.strip()}" if e.text else f"line {e.lineno}"
+        raise AnswerError(f"the edited script does not compile: {e.msg} at {where}") from None
+    except ValueError as e:  # e.g. null bytes
+        raise AnswerError(f"the edited script does not compile: {e}") from None
+    try:
+        same = ast.dump(tree) == ast.dump(ast.parse(source))
+    except SyntaxError:
+        same = False
+    if same:
+        raise AnswerError("the edit changes only comments or whitespace: propose a change that does something")
+    return new
+
+
+# ---------------------------------------------------------------------------
+# Prompts
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class PromptContext:
+    exp: int
+    scope: str
+    script_name: str
+    source: str
+    history: list  # results rows of this tag, oldest first
+    history_len: int = 30
+    best_val_bpb: float | None = None
+    best_exp: int | None = None
+    hardware: dict = field(default_factory=dict)
+    backend: str | None = None
+    dataset: str = "climbmix"
+    time_budget: float = 300.0
+    last_crash: str | None = None  # "expN (description):\n<tail of its output>"
+    notes: list = field(default_factory=list)  # extra guidance (plateau, noise floor, ...) from later features
+
+
+def system_prompt(scope: str, script_name: str, time_budget: float) -> str:
+    if scope == "hparams":
+        what = (f"You may change only the hyperparameter block of {script_name} (the lines between the "
+                f"'# Hyperparameters' and '# Setup' marker comments): values of existing constants, or new constants "
+                f"that the block defines. No imports, and no changes to the model, optimizer, data or evaluation code.")
+        fmt = FORMAT_HPARAMS
+    else:
+        what = (f"You may change anything in {script_name}: hyperparameters, the model, the optimizer, the training "
+                f"loop. prepare.py and backends/ are read-only (they hold the data, tokenizer and evaluation); a run "
+                f"that modifies them counts as a crash. Do not add dependencies. Keep the output format the script "
+                f"prints (the progress lines and the '---' summary with val_bpb), or the run counts as a crash.")
+        fmt = FORMAT_FILE
+    return f"""You are an autonomous ML researcher improving a small GPT pretraining script.
+Each experiment trains for a fixed budget of {time_budget:.0f} seconds and is then evaluated on held-out data.
+The metric is val_bpb (validation bits per byte): lower is better. An experiment that beats the best so far is kept
+(the script stays changed); otherwise it is reverted.
+
+{what}
+
+Guidance:
+- Make ONE change per experiment so its effect can be attributed.
+- Do not repeat experiments that already failed; after several discards in a row, try a different direction.
+- The time budget is fixed: more optimizer steps within it usually help; smaller models or batches give more steps,
+  but too small hurts quality. Running out of memory or time is a crash.
+- Read the crash output if the last experiment crashed, and avoid the cause.
+
+Answer in exactly this format, nothing else:
+{fmt}"""
+
+
+def format_history(rows: list, limit: int) -> str:
+    if not rows:
+        return "No experiments yet: the baseline has not run."
+    shown = rows[-limit:] if limit > 0 else []
+    out = [f"{'exp':<6} {'status':<8} {'val_bpb':>9} {'mem_gb':>7} {'steps':>6}  description / notes"]
+    if len(rows) > len(shown):
+        out.append(f"({len(rows) - len(shown)} earlier experiments not shown)")
+    for r in shown:
+        status = r.get("status", "")
+        val = r.get("val_bpb", "") if status not in ("crash", "skip") else "-"
+        desc = " ".join(str(r.get("description", "")).split())[:80]
+        note = " ".join(str(r.get("notes", "")).split())[:100]
+        if note and status in ("crash", "skip", "discard"):
+            desc = f"{desc} [{note}]"
+        out.append(f"{'exp' + str(r.get('exp', '')).removeprefix('exp'):<6} {status:<8} {val:>9} "
+                   f"{r.get('memory_gb', ''):>7} {r.get('steps', ''):>6}  {desc}")
+    return "\n".join(out)
+
+
+def format_hardware(hw: dict, backend: str | None) -> str:
+    if not hw:
+        return f"backend {backend or 'unknown'}"
+    parts = [str(hw.get("chip_name") or hw.get("kind") or "unknown device")]
+    if hw.get("memory_gb"):
+        parts.append(f"{float(hw['memory_gb']):.0f} GB memory")
+    if hw.get("gpu_cores"):
+        parts.append(f"{hw['gpu_cores']} GPU cores")
+    if hw.get("peak_flops"):
+        parts.append(f"~{float(hw['peak_flops']) / 1e12:.1f} TFLOPS peak")
+    parts.append(f"backend {backend or hw.get('kind') or 'unknown'}")
+    return ", ".join(parts)
+
+
+def user_prompt(ctx: PromptContext) -> str:
+    if ctx.best_val_bpb is None:
+        best = "Best val_bpb so far: none (no successful run yet)."
+    else:
+        best = f"Best val_bpb so far: {ctx.best_val_bpb:.6f} (exp{ctx.best_exp})."
+    parts = [
+        f"Training script: {ctx.script_name}. Dataset: {ctx.dataset}. Time budget: {ctx.time_budget:.0f} s.",
+        f"Hardware: {format_hardware(ctx.hardware, ctx.backend)}.",
+        best,
+        "",
+        "Results so far (oldest first):",
+        format_history(ctx.history, ctx.history_len),
+    ]
+    if ctx.last_crash:
+        parts += ["", "The most recent crash, end of its output:", "```", ctx.last_crash[-CRASH_TAIL_CHARS:], "```"]
+    if ctx.scope == "hparams":
+        block = find_hparams(ctx.source).block
+        parts += ["", f"Current hyperparameter block of {ctx.script_name}:", "```python", block.rstrip("\n"), "```"]
+    else:
+        parts += ["", f"Current {ctx.script_name}:", "```python", ctx.source.rstrip("\n"), "```"]
+    parts += [""] + [str(n) for n in ctx.notes]
+    parts.append(f"Propose experiment {ctx.exp}: ONE change, in the answer format.")
+    return "\n".join(parts)
+
+
+def corrective_prompt(error: str, scope: str) -> str:
+    fmt = FORMAT_HPARAMS if scope == "hparams" else FORMAT_FILE
+    return (f"Your answer could not be used: {error}.\n"
+            f"Reply again with the complete answer in exactly this format:\n{fmt}")

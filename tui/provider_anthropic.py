@@ -1,0 +1,51 @@
+"""Anthropic Messages API through the official `anthropic` SDK."""
+
+from tui.llm import LLMError, LLMReply, Provider, classify_status, parse_retry_after
+
+
+def _error_message(e) -> str:
+    body = getattr(e, "body", None)
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        return str(body["error"].get("message") or body["error"].get("type") or e)
+    return str(getattr(e, "message", None) or e)
+
+
+class AnthropicProvider(Provider):
+    name = "anthropic"
+
+    def __init__(self, model: str, api_key: str | None, base_url: str | None = None, timeout: float = 300.0,
+                 max_tokens: int = 4096):
+        super().__init__(model)
+        import anthropic
+        self._sdk = anthropic
+        # our retry policy does the retrying, so the SDK's own is off
+        self._client = anthropic.Anthropic(api_key=api_key, base_url=base_url, timeout=timeout, max_retries=0)
+        self.max_tokens = max_tokens
+
+    def _translate(self, e: Exception) -> LLMError:
+        sdk = self._sdk
+        if isinstance(e, sdk.APITimeoutError):
+            return LLMError("retryable", "request timed out")
+        if isinstance(e, sdk.APIConnectionError):
+            return LLMError("retryable", f"connection error: {e}")
+        if isinstance(e, sdk.APIStatusError):
+            headers = getattr(e.response, "headers", None)
+            return classify_status(e.status_code, _error_message(e), parse_retry_after(headers))
+        return LLMError("request", f"{type(e).__name__}: {e}")
+
+    def check(self) -> None:
+        # retrieving the model is free and proves both the key and the model name
+        try:
+            self._client.models.retrieve(self.model)
+        except self._sdk.AnthropicError as e:
+            raise self._translate(e) from None
+
+    def complete(self, system: str, messages: list[dict]) -> LLMReply:
+        try:
+            r = self._client.messages.create(model=self.model, max_tokens=self.max_tokens, system=system,
+                                             messages=messages)
+        except self._sdk.AnthropicError as e:
+            raise self._translate(e) from None
+        text = "".join(getattr(b, "text", "") for b in r.content if getattr(b, "type", "") == "text")
+        usage = getattr(r, "usage", None)
+        return LLMReply(text, getattr(usage, "input_tokens", 0) or 0, getattr(usage, "output_tokens", 0) or 0)

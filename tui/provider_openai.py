@@ -1,0 +1,63 @@
+"""Any OpenAI-compatible chat-completions endpoint through the `openai` SDK: OpenAI, OpenRouter, vLLM,
+llama.cpp server, LM Studio, Ollama's /v1."""
+
+from tui.llm import LLMError, LLMReply, Provider, classify_status, parse_retry_after
+
+LOCAL_PLACEHOLDER_KEY = "not-needed"  # local servers ignore the key, but the SDK insists on one
+
+
+def _error_message(e) -> str:
+    body = getattr(e, "body", None)
+    if isinstance(body, dict):
+        err = body.get("error", body)
+        if isinstance(err, dict):
+            return " ".join(str(x) for x in (err.get("message"), err.get("code")) if x) or str(e)
+        return str(err)
+    return str(getattr(e, "message", None) or e)
+
+
+class OpenAIProvider(Provider):
+    name = "openai"
+
+    def __init__(self, model: str, api_key: str | None, base_url: str | None = None, timeout: float = 300.0,
+                 max_tokens: int = 4096, name: str = "openai"):
+        super().__init__(model)
+        import openai
+        self._sdk = openai
+        self.name = name
+        self.base_url = base_url
+        headers = {"X-Title": "autoresearch"} if base_url and "openrouter.ai" in base_url else None
+        self._client = openai.OpenAI(api_key=api_key or LOCAL_PLACEHOLDER_KEY, base_url=base_url, timeout=timeout,
+                                     max_retries=0, default_headers=headers)
+        self.max_tokens = max_tokens
+
+    def _translate(self, e: Exception) -> LLMError:
+        sdk = self._sdk
+        if isinstance(e, sdk.APITimeoutError):
+            return LLMError("retryable", "request timed out")
+        if isinstance(e, sdk.APIConnectionError):
+            return LLMError("retryable", f"connection error: {e}")
+        if isinstance(e, sdk.APIStatusError):
+            headers = getattr(e.response, "headers", None)
+            return classify_status(e.status_code, _error_message(e), parse_retry_after(headers))
+        return LLMError("request", f"{type(e).__name__}: {e}")
+
+    def check(self) -> None:
+        try:
+            self._client.models.list()
+        except self._sdk.OpenAIError as e:
+            raise self._translate(e) from None
+
+    def complete(self, system: str, messages: list[dict]) -> LLMReply:
+        # api.openai.com's newer models only take max_completion_tokens; compatible servers know max_tokens
+        limit = {"max_completion_tokens": self.max_tokens} if self.base_url is None else {"max_tokens": self.max_tokens}
+        try:
+            r = self._client.chat.completions.create(
+                model=self.model, messages=[{"role": "system", "content": system}, *messages], **limit)
+        except self._sdk.OpenAIError as e:
+            raise self._translate(e) from None
+        if not r.choices:
+            raise LLMError("retryable", "empty response (no choices)")
+        text = r.choices[0].message.content or ""
+        usage = r.usage
+        return LLMReply(text, getattr(usage, "prompt_tokens", 0) or 0, getattr(usage, "completion_tokens", 0) or 0)

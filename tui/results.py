@@ -1,0 +1,176 @@
+"""results.tsv: one row per experiment run, tab-separated, git-ignored (like upstream).
+
+Upstream's five columns come first (commit val_bpb memory_gb status description), then ours. Reading is driven by
+the header, so files with extra or missing trailing columns (older versions, later issues adding seed/run columns)
+still load. Every field is escaped (backslash, tab, newline, CR), so no description or note can break a row. Rows are
+appended with flush + fsync; a truncated last line (power loss mid-write) is cut off on load; the header is written
+atomically.
+"""
+
+import math
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+# ---------------------------------------------------------------------------
+# Columns and statuses
+# ---------------------------------------------------------------------------
+
+COLUMNS = [
+    "commit", "val_bpb", "memory_gb", "status", "description",  # upstream
+    "exp", "tok_sec", "mfu", "steps", "backend", "chip", "dataset", "seconds", "notes",  # ours (issue 5)
+    "tag", "llm_tokens", "llm_cost",  # which agent run the row belongs to; LLM usage of the experiment
+]
+STATUSES = ("keep", "discard", "crash", "skip")
+NO_COMMIT = "-"
+
+_ESCAPES = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
+_UNESCAPES = {"\\": "\\", "t": "\t", "n": "\n", "r": "\r"}
+
+
+def escape(value) -> str:
+    text = "" if value is None else str(value)
+    return "".join(_ESCAPES.get(ch, ch) for ch in text)
+
+
+def unescape(text: str) -> str:
+    return re.sub(r"\\(.)", lambda m: _UNESCAPES.get(m.group(1), m.group(0)), text)
+
+
+def exp_number(value) -> int | None:
+    """'exp12' or '12' -> 12."""
+    m = re.fullmatch(r"\s*(?:exp)?(\d+)\s*", str(value or ""))
+    return int(m.group(1)) if m else None
+
+
+def as_float(value) -> float | None:
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
+
+
+# ---------------------------------------------------------------------------
+# The file
+# ---------------------------------------------------------------------------
+
+
+class ResultsFile:
+    def __init__(self, path, columns=COLUMNS):
+        self.path = Path(path)
+        self.columns = list(columns)
+        self.header: list[str] | None = None
+        self.repaired = False  # set when load() had to cut a truncated last line
+
+    def ensure(self) -> None:
+        """Create the file with a header, or extend an existing header with columns it lacks (atomic rewrite)."""
+        if not self.path.exists() or self.path.stat().st_size == 0:
+            self._write_atomic(self.columns, [])
+            self.header = list(self.columns)
+            return
+        rows = self.load()
+        missing = [c for c in self.columns if c not in self.header]
+        if missing:
+            self._write_atomic(self.header + missing, rows)
+            self.header = self.header + missing
+
+    def load(self) -> list[dict]:
+        """All rows as dicts keyed by the file's header (missing trailing fields -> ""; extra fields dropped)."""
+        if not self.path.exists():
+            self.header = None
+            return []
+        data = self.path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            # a row is written in one write ending in "\n", so an unterminated last line is a torn write: cut it off
+            cut = data.rfind(b"\n") + 1
+            with open(self.path, "r+b") as f:
+                f.truncate(cut)
+                f.flush()
+                os.fsync(f.fileno())
+            data = data[:cut]
+            self.repaired = True
+        lines = data.decode("utf-8", errors="replace").split("\n")
+        if not lines or not lines[0].strip():
+            self.header = None
+            return []
+        self.header = [unescape(h).strip() for h in lines[0].split("\t")]
+        rows = []
+        for line in lines[1:]:
+            if not line.strip():
+                continue
+            fields = [unescape(f) for f in line.split("\t")]
+            rows.append({col: (fields[i] if i < len(fields) else "") for i, col in enumerate(self.header)})
+        return rows
+
+    def append(self, row: dict) -> None:
+        """Append one row (keys not in the header are dropped) with flush + fsync."""
+        if self.header is None:
+            self.ensure()
+        line = "\t".join(escape(row.get(col, "")) for col in self.header) + "\n"
+        with open(self.path, "ab") as f:
+            f.write(line.encode("utf-8"))
+            f.flush()
+            os.fsync(f.fileno())
+
+    def _write_atomic(self, header: list[str], rows: list[dict]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        text = "\t".join(escape(h) for h in header) + "\n"
+        text += "".join("\t".join(escape(r.get(c, "")) for c in header) + "\n" for r in rows)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".results.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(text.encode("utf-8"))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+
+# ---------------------------------------------------------------------------
+# Summaries of a tag's rows
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Summary:
+    runs: int = 0
+    kept: int = 0
+    discarded: int = 0
+    crashed: int = 0
+    skipped: int = 0
+    best_val_bpb: float | None = None
+    best_exp: int | None = None
+    next_exp: int = 0
+
+
+def rows_for_tag(rows: list[dict], tag: str) -> list[dict]:
+    """Rows of one agent run. Rows without a tag (upstream files, older versions) belong to every tag."""
+    return [r for r in rows if not r.get("tag") or r.get("tag") == tag]
+
+
+def summarize(rows: list[dict]) -> Summary:
+    s = Summary()
+    numbers = [n for n in (exp_number(r.get("exp")) for r in rows) if n is not None]
+    s.next_exp = max(numbers) + 1 if numbers else 0
+    for r in rows:
+        status = r.get("status", "")
+        if status == "skip":
+            s.skipped += 1
+            continue
+        s.runs += 1
+        if status == "keep":
+            s.kept += 1
+            val = as_float(r.get("val_bpb"))
+            if val is not None and val > 0 and (s.best_val_bpb is None or val < s.best_val_bpb):
+                s.best_val_bpb, s.best_exp = val, exp_number(r.get("exp"))
+        elif status == "discard":
+            s.discarded += 1
+        elif status == "crash":
+            s.crashed += 1
+    return s

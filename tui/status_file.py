@@ -1,0 +1,48 @@
+"""The status file (.runner_status.json) that monitoring scripts read: written atomically on every state change."""
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+STATUS_NAME = ".runner_status.json"
+
+
+def write_json_atomic(path, data: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".status.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=1, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class StatusFile:
+    """Keeps the latest status dict and rewrites the file when it changes."""
+
+    def __init__(self, path, **static):
+        self.path = Path(path)
+        self.data = {"pid": os.getpid(), "alive": True, "started_at": time.strftime("%Y-%m-%dT%H:%M:%S"), **static}
+
+    def update(self, **fields) -> None:
+        self.data.update(fields)
+        self.data["last_updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        write_json_atomic(self.path, self.data)
+
+    def close(self, **fields) -> None:
+        self.update(alive=False, **fields)
+
+
+def read_status(path) -> dict:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
