@@ -398,45 +398,61 @@ def download_file(url, dest, *, attempts=5, backoff=1.0, timeout=30, progress=No
 
 
 def download_shards(indices, dest_dir, *, repo=CLIMBMIX_REPO, workers=8, attempts=5, backoff=1.0, timeout=30):
-    """Download the given shard indices into dest_dir (skipping verified existing files), with a progress bar."""
+    """Download climbmix-layout shards (shard_%05d.parquet) of a dataset repo into dest_dir."""
+    jobs = [(hf_file_url(repo, SHARD_NAME.format(i)), os.path.join(dest_dir, SHARD_NAME.format(i))) for i in indices]
+    download_files(jobs, workers=workers, attempts=attempts, backoff=backoff, timeout=timeout,
+                   what=f"shard(s) of {repo}")
+
+
+def check_parquet(path):
+    """Raise PrepareError unless the parquet footer opens (any columns)."""
+    try:
+        pq.ParquetFile(path)
+    except Exception as e:
+        raise PrepareError(f"{path} is not a readable parquet file ({type(e).__name__}); delete it and try again")
+
+
+def download_files(jobs, *, workers=8, attempts=5, backoff=1.0, timeout=30, verify=check_shard, what="file(s)"):
+    """Download (url, dest) pairs in parallel with one progress bar, skipping destinations that already verify.
+    Each file is resumable, retried, verified and renamed into place (see download_file); raises DownloadError
+    with one line (the offline advice when the endpoint cannot be reached)."""
     from tqdm import tqdm
 
-    os.makedirs(dest_dir, exist_ok=True)
     todo = []
-    for i in indices:
-        path = os.path.join(dest_dir, SHARD_NAME.format(i))
-        if os.path.exists(path):
+    for url, dest in jobs:
+        os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
+        if os.path.exists(dest):
             try:
-                check_shard(path)
+                verify(dest)
                 continue
             except PrepareError:
-                os.remove(path)   # corrupt leftover from an older tool: fetch it again
-        todo.append((i, path))
+                os.remove(dest)   # corrupt leftover from an older tool: fetch it again
+        todo.append((url, dest))
     if not todo:
-        print(f"All {len(indices)} shards already present in {dest_dir}")
+        print(f"All {len(jobs)} {what} already present")
         return
-    _check_reachable(hf_file_url(repo, os.path.basename(todo[0][1])))
-    print(f"Downloading {len(todo)} shard(s) of {repo} from {hf_endpoint()} with {workers} workers")
-    bar = tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024, desc=f"shards 0/{len(todo)}",
+    _check_reachable(todo[0][0])
+    print(f"Downloading {len(todo)} {what} from {hf_endpoint()} with {workers} workers")
+    bar = tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024, desc=f"files 0/{len(todo)}",
                disable=None, dynamic_ncols=True)
     done, errors = 0, []
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        futures = {pool.submit(download_file, hf_file_url(repo, os.path.basename(p)), p, attempts=attempts,
-                               backoff=backoff, timeout=timeout, progress=_GrowingBar(bar)): p for _, p in todo}
+        futures = [pool.submit(download_file, url, dest, attempts=attempts, backoff=backoff, timeout=timeout,
+                               progress=_GrowingBar(bar), verify=verify) for url, dest in todo]
         for fut in as_completed(futures):
             try:
                 fut.result()
                 done += 1
-                bar.set_description(f"shards {done}/{len(todo)}")
+                bar.set_description(f"files {done}/{len(todo)}")
             except PrepareError as e:
                 errors.append(str(e))
     bar.close()
     if errors:
         offline = all(("ConnectionError" in e or "Timeout" in e) for e in errors)
         if offline:
-            raise _offline_error(f"{len(errors)} shard(s) failed")
-        raise DownloadError(f"{len(errors)} of {len(todo)} shard(s) failed; first: {errors[0]}")
-    print(f"Downloaded {done} shard(s) into {dest_dir}")
+            raise _offline_error(f"{len(errors)} download(s) failed")
+        raise DownloadError(f"{len(errors)} of {len(todo)} download(s) failed; first: {errors[0]}")
+    print(f"Downloaded {done} {what} into {os.path.dirname(todo[0][1])}")
 
 
 def _offline_error(detail):

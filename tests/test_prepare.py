@@ -103,7 +103,7 @@ def test_cli_end_to_end_download_then_tokenizer_and_cache(tmp_path):
         r = run_prepare(["--num-shards", "2", "--download-workers", "2"],
                         {"HF_ENDPOINT": hub.endpoint, "AUTORESEARCH_CACHE_DIR": str(cache)})
     assert r.returncode == 0, r.stderr + r.stdout
-    assert "Downloaded 3 shard(s)" in r.stdout
+    assert "Downloaded 3 shard(s)" in r.stdout, r.stdout
     assert (cache / "climbmix" / "tokenizer" / "tokenizer.pkl").exists()
     assert (cache / "climbmix" / "tokenizer" / "token_bytes.npy").exists()
     assert json.loads((cache / "profile.json").read_text())["profile"] == "cpu"   # recorded at first prepare
