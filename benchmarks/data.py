@@ -4,6 +4,7 @@ evaluation on the `cpu` profile with the CPU default model.
 
     uv run benchmarks/data.py                                 # ../shared/data/bench-corpus if present, else generated
     uv run benchmarks/data.py --corpus DIR                    # any folder of climbmix-layout shards
+    uv run benchmarks/data.py --generated                     # generated text, large enough for a full evaluation
 Prints a table; writes only into a temporary cache dir (or --cache DIR).
 """
 
@@ -22,6 +23,9 @@ DEFAULT_CORPUS = os.path.join(os.path.dirname(ROOT), "shared", "data", "bench-co
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--corpus", default=None, help="folder with shard_*.parquet (default: the bench corpus)")
+    ap.add_argument("--generated", action="store_true",
+                    help="use a generated corpus even if the bench corpus exists (its validation split is large "
+                         "enough for a full EVAL_TOKENS evaluation)")
     ap.add_argument("--cache", default=None, help="cache dir to use (default: a temporary one, removed at the end)")
     ap.add_argument("--seconds", type=float, default=3.0, help="seconds per loader measurement")
     args = ap.parse_args()
@@ -35,7 +39,7 @@ def main():
 
     data = prepare.data_dir("bench")
     os.makedirs(data, exist_ok=True)
-    corpus = args.corpus or (DEFAULT_CORPUS if os.path.isdir(DEFAULT_CORPUS) else None)
+    corpus = None if args.generated else (args.corpus or (DEFAULT_CORPUS if os.path.isdir(DEFAULT_CORPUS) else None))
     if corpus:
         shards = sorted(glob.glob(os.path.join(corpus, "shard_*.parquet")))
         if not shards:
