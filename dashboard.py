@@ -1,10 +1,11 @@
 """
 autoresearch dashboard and agent.
 
+    uv run dashboard.py                                              # one training run with live metrics
+    uv run dashboard.py --watch                                      # results.tsv, charts and the newest log, live
+    uv run dashboard.py --agent --tag mar17 --max 50                 # the research loop on the full screen
     uv run dashboard.py --agent --headless --tag mar17 --max 50      # the research loop, plain log lines
     uv run dashboard.py --setup-key --provider anthropic             # store an API key in the OS secret store
-
-The full-screen dashboard (single run, --watch, --agent with a screen) is built on the same engine (tui/).
 """
 
 import argparse
@@ -19,6 +20,15 @@ import sys
 PROVIDERS = ("anthropic", "openai", "openrouter", "ollama")
 
 EPILOG = """\
+screen (single run, --watch, --agent):
+  Panels: training (progress, loss, tok/s, MFU; the summary when done), hardware (chip, memory of the training
+  process and its children, system/unified and GPU memory), agent loop status (agent mode; --watch reads the
+  status file of a headless agent), experiments table from results.tsv, training-loss and val_bpb charts, activity.
+  Keys: q quit (stops the agent cleanly and kills the training process group; q again forces), p pause/resume the
+  agent after the current experiment, s stop the current experiment now (killed, reverted, recorded as skip),
+  enter on a table row: that experiment's diff and log tail, d dark/light, r reload, v next view (small terminals).
+  The screen needs a terminal; use --agent --headless for logs, cron and pipes.
+
 agent loop:
   On a new tag the unmodified script runs first (exp0, the baseline); then each experiment asks the LLM for one
   change, commits it as "expN: ...", trains, keeps it if val_bpb beats the best and reverts it otherwise. Results go
@@ -66,6 +76,16 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be 0 or more")
+    return value
+
+
 def _tag(text: str) -> str:
     from tui.git_repo import validate_tag
     try:
@@ -85,11 +105,14 @@ def build_parser() -> argparse.ArgumentParser:
     modes.add_argument("--agent", action="store_true", help="run the autonomous research loop")
     modes.add_argument("--headless", action="store_true",
                        help="with --agent: no screen, timestamped log lines (for SSH, tmux, cron, run_suite.py)")
-    modes.add_argument("--watch", action="store_true", help="no training: show results.tsv as it changes")
+    modes.add_argument("--watch", action="store_true",
+                       help="no training: show results.tsv, the charts, the newest runs/expN.log and a headless "
+                            "agent's status, refreshed as they change")
 
     agent = p.add_argument_group("agent options")
     agent.add_argument("--tag", type=_tag, default=None,
-                       help="name of this run; the branch is autoresearch/<tag> (default: today's date, e.g. mar17)")
+                       help="name of this run; the branch is autoresearch/<tag> (default: today's date, e.g. "
+                            "mar17); with --watch: show only this tag's rows")
     agent.add_argument("--max", type=_positive_int, default=None, metavar="N",
                        help="stop once the tag has N experiments, baseline exp0 included (default: 100)")
     agent.add_argument("--provider", choices=PROVIDERS, default="anthropic",
@@ -108,10 +131,27 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--script", default=None, metavar="FILE",
                        help="training script for the agent (default: train_mlx.py or train.py for the detected "
                             "backend)")
-    agent.add_argument("--results", default=None, metavar="FILE", help="results file (default: results.tsv)")
+    agent.add_argument("--results", default=None, metavar="FILE",
+                       help="results file (default: results.tsv in --repo); --watch shows this one")
     agent.add_argument("--repo", default=".", metavar="DIR", help="repository to work in (default: .)")
     agent.add_argument("--seed", type=int, default=None,
                        help="random seed passed to the trainer as AUTORESEARCH_SEED (default: the trainer's)")
+
+    noise = p.add_argument_group("noise floor and keep rule (agent)")
+    noise.add_argument("--keep-rule", choices=("confirm", "single"), default="confirm",
+                       help="confirm = keep only a change whose mean over 2+ runs beats the best mean by 2 sigma of "
+                            "the measured run-to-run noise (default); single = keep any single run that beats the "
+                            "best (upstream's rule)")
+    noise.add_argument("--noise-runs", type=_positive_int, default=3, metavar="N",
+                       help="baseline runs with seeds 42, 43, ... that measure the noise floor at the start of a tag "
+                            "(default: 3; confirm needs 2 or more)")
+    noise.add_argument("--confirm-runs", type=_count, default=2, metavar="N",
+                       help="extra runs with other seeds a promising change may get before the verdict (default: 2)")
+    noise.add_argument("--remeasure-noise", action="store_true",
+                       help="measure the noise floor again on the best commit before the next experiment")
+    noise.add_argument("--plateau", type=_count, default=15, metavar="N",
+                       help="after N experiments in a row without a keep, ask the LLM to change direction "
+                            "(default: 15; 0 = never)")
 
     keys = p.add_argument_group("API keys (no screen; combine with --provider)")
     kx = keys.add_mutually_exclusive_group()
@@ -176,7 +216,9 @@ def key_command(args) -> int:
 def agent_config(args):
     from tui.config import AgentConfig
     kwargs = dict(repo=args.repo, provider=args.provider, model=args.model, base_url=args.base_url, scope=args.scope,
-                  timeout=args.timeout, script=args.script, results=args.results, seed=args.seed)
+                  timeout=args.timeout, script=args.script, results=args.results, seed=args.seed,
+                  keep_rule=args.keep_rule, noise_runs=args.noise_runs, confirm_runs=args.confirm_runs,
+                  remeasure_noise=args.remeasure_noise, plateau=args.plateau)
     if args.tag:
         kwargs["tag"] = args.tag
     if args.max:
@@ -184,11 +226,53 @@ def agent_config(args):
     return AgentConfig(**kwargs)
 
 
+AGENT_ONLY = ("max", "model", "base_url", "timeout", "script", "seed")  # options with no meaning outside --agent
+
+
+def _single_script(args) -> str:
+    """The script for a single run: the argument, or the one for the detected backend. Raises SystemExit(2)."""
+    if args.single_script:
+        return os.path.abspath(args.single_script)
+    import backends
+    try:
+        script = backends.training_script_for(backends.detect_backend())
+    except Exception as e:  # BackendUnavailable carries a one-line message
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    path = os.path.join(args.repo, script)
+    if not os.path.isfile(path):
+        print(f"error: {script} not found in {os.path.abspath(args.repo)}: run the dashboard in your autoresearch "
+              f"checkout, or pass the script (uv run dashboard.py path/to/{script})", file=sys.stderr)
+        raise SystemExit(2)
+    return os.path.abspath(path)
+
+
 def run_tui(args) -> int:
-    """The full-screen dashboard (single run, --watch, --agent with a screen): issue #6."""
-    print("the full-screen dashboard is not built yet: run the agent with "
-          "`uv run dashboard.py --agent --headless [--tag T --max N ...]`", file=sys.stderr)
-    return 2
+    """The full-screen dashboard: one training run, --watch, or --agent."""
+    if not (sys.stdin.isatty() and sys.stderr.isatty()):  # Textual draws on stderr, so stdout may be piped
+        print("error: the dashboard needs a terminal (stdin and stderr are not one); for logs, cron or pipes run "
+              "the agent with `uv run dashboard.py --agent --headless [--tag T --max N ...]`", file=sys.stderr)
+        return 2
+    from tui.app import DashboardApp
+    from tui.config import ConfigError
+    if args.agent:
+        try:
+            app = DashboardApp("agent", agent_config=agent_config(args), signal_handlers=True)
+        except (ConfigError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    elif args.watch:
+        app = DashboardApp("watch", repo=args.repo, results=args.results, tag=args.tag, signal_handlers=True)
+    else:
+        app = DashboardApp("single", repo=args.repo, script=_single_script(args), results=args.results,
+                           signal_handlers=True)
+    try:
+        app.run()
+    finally:
+        app.shutdown_engine()
+    if app.final_error:
+        print(f"error: {app.final_error}", file=sys.stderr)
+    return app.return_code if app.return_code not in (None, 0) else app.exit_status
 
 
 def main(argv=None) -> int:
@@ -207,6 +291,19 @@ def main(argv=None) -> int:
     if args.agent and args.headless:
         from tui.headless import run_headless
         return run_headless(agent_config(args))
+    if not args.agent:
+        given = [f"--{name.replace('_', '-')}" for name in AGENT_ONLY if getattr(args, name) is not None]
+        if args.tag and not args.watch:
+            given.insert(0, "--tag")
+        if given:
+            parser.error(f"{', '.join(given)} only applies to --agent" + ("" if args.watch else
+                         " (a single run takes the script as its argument)"))
+    if args.watch and args.single_script:
+        parser.error(f"unexpected argument {args.single_script!r} with --watch (use --results FILE)")
+    if args.single_script and not os.path.isfile(args.single_script):
+        parser.error(f"training script {args.single_script!r} not found")
+    if args.repo and not os.path.isdir(args.repo):
+        parser.error(f"--repo {args.repo!r} is not a directory")
     return run_tui(args)
 
 

@@ -1,0 +1,178 @@
+"""What the dashboard reads from disk, strictly read-only: results.tsv while an agent may be appending to it, the
+newest runs/expN.log as it grows, and an experiment's diff and log tail for the detail view.
+
+ResultsFile.load() repairs a torn last line by truncating the file, which is right for the agent that owns the file
+but wrong for a viewer racing the writer, so the viewer parses a snapshot and just ignores an unterminated line.
+No textual here: the app polls these from its timers.
+"""
+
+import os
+import re
+from pathlib import Path
+
+from tui.git_repo import REF_NAMESPACE, GitError, GitRepo
+from tui.parser import OutputParser, parse_step
+from tui.results import exp_number, unescape
+
+LOG_NAME_RE = re.compile(r"^exp(\d+)(?:-run(\d+))?\.log$")
+TAIL_LINES = 40
+MAX_READ = 8 << 20  # bytes of a log read per poll (a runaway log must not stall the screen)
+
+# ---------------------------------------------------------------------------
+# results.tsv
+# ---------------------------------------------------------------------------
+
+
+def signature(path) -> tuple | None:
+    """(mtime_ns, size, inode) of a file, None when it is missing: cheap change detection."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size, st.st_ino
+
+
+def read_results(path) -> list[dict]:
+    """Rows of results.tsv as dicts keyed by its header; an unterminated last line (a write in progress) is ignored."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError:
+        return []
+    text = data.decode("utf-8", errors="replace")
+    lines = text.split("\n")
+    lines.pop()  # "" after the final newline, or the unterminated line being written
+    if not lines or not lines[0].strip():
+        return []
+    header = [unescape(h).strip() for h in lines[0].split("\t")]
+    rows = []
+    for line in lines[1:]:
+        if not line.strip():
+            continue
+        fields = [unescape(f) for f in line.split("\t")]
+        rows.append({col: (fields[i] if i < len(fields) else "") for i, col in enumerate(header)})
+    return rows
+
+
+# ---------------------------------------------------------------------------
+# The newest training log, followed as it grows
+# ---------------------------------------------------------------------------
+
+
+class LogFollower:
+    """Tails the most recently modified runs/exp*.log. poll() returns (path, started_new_file, new ParsedLines);
+    .parser holds the state of the file being followed (final metrics, backend, last step)."""
+
+    def __init__(self, runs_dir):
+        self.runs_dir = Path(runs_dir)
+        self.path: Path | None = None
+        self.offset = 0
+        self.parser = OutputParser()
+
+    def newest(self) -> Path | None:
+        best, best_key = None, None
+        try:
+            entries = list(os.scandir(self.runs_dir))
+        except OSError:
+            return None
+        for e in entries:
+            if not LOG_NAME_RE.match(e.name):
+                continue
+            try:
+                key = (e.stat().st_mtime_ns, e.name)
+            except OSError:
+                continue
+            if best_key is None or key > best_key:
+                best, best_key = Path(e.path), key
+        return best
+
+    def poll(self) -> tuple[Path | None, bool, list]:
+        newest = self.newest()
+        if newest is None:
+            return self.path, False, []
+        started = newest != self.path
+        if started:
+            self.path, self.offset, self.parser = newest, 0, OutputParser()
+        try:
+            size = os.path.getsize(self.path)
+            if size < self.offset:  # rewritten from scratch (the same experiment ran again)
+                self.offset, self.parser, started = 0, OutputParser(), True
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read(MAX_READ)
+        except OSError:
+            return self.path, started, []
+        self.offset += len(data)
+        return self.path, started, self.parser.feed(data) if data else []
+
+    @property
+    def exp(self) -> int | None:
+        m = LOG_NAME_RE.match(self.path.name) if self.path else None
+        return int(m.group(1)) if m else None
+
+
+# ---------------------------------------------------------------------------
+# One experiment in detail
+# ---------------------------------------------------------------------------
+
+
+def log_tail(path, lines: int = TAIL_LINES) -> str:
+    """The last lines of a training log, with each burst of `\\r` progress lines collapsed to its last line."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError:
+        return ""
+    out: list[str] = []
+    step_run = False
+    for raw in re.split(r"\r\n|\r|\n", data.decode("utf-8", errors="replace")):
+        line = raw.rstrip()
+        if not line.strip():
+            continue
+        is_step = parse_step(line.strip()) is not None
+        if is_step and step_run:
+            out[-1] = line.strip()
+        else:
+            out.append(line.strip() if is_step else line)
+        step_run = is_step
+    return "\n".join(out[-lines:])
+
+
+def experiment_ref(row: dict) -> str | None:
+    """The git ref of a results row: refs/autoresearch/<tag>/expN when the row has a tag (every run of an experiment
+    is the same commit), else its commit column."""
+    n = exp_number(row.get("exp"))
+    tag = (row.get("tag") or "").strip()
+    if n is not None and tag:
+        return f"{REF_NAMESPACE}/{tag}/exp{n}"
+    commit = (row.get("commit") or "").strip()
+    return commit if commit and commit != "-" else None
+
+
+def experiment_diff(repo, row: dict) -> str:
+    """What an experiment changed, as `git show` prints it; a sentence when there is nothing to show."""
+    n = exp_number(row.get("exp"))
+    if n == 0 or row.get("description") == "baseline":
+        return f"exp0 is the baseline: the unmodified training script at commit {row.get('commit') or '?'}."
+    if (row.get("commit") or "-") == "-" and row.get("status") == "skip":
+        return f"exp{n} was skipped before anything was committed ({row.get('notes') or 'no notes'})."
+    git = GitRepo(repo)
+    candidates = [experiment_ref(row), (row.get("commit") or "").strip()]
+    errors = []
+    for rev in dict.fromkeys(c for c in candidates if c and c != "-"):
+        try:
+            if rev.startswith(REF_NAMESPACE) and not git.ok("rev-parse", "--verify", "-q", rev):
+                continue
+            return git.diff(rev)
+        except GitError as e:
+            errors.append(str(e))
+    return "no diff found for this experiment" + (f": {errors[-1]}" if errors else
+                                                   f" (no ref {experiment_ref(row)} and no commit recorded)")
+
+
+def experiment_log(runs_dir, row: dict) -> Path | None:
+    n = exp_number(row.get("exp"))
+    if n is None:
+        return None
+    run = (row.get("run") or "").strip()
+    name = f"exp{n}-run{run}.log" if run.isdigit() and int(run) > 0 else f"exp{n}.log"
+    return Path(runs_dir) / name
+

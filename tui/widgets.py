@@ -1,0 +1,609 @@
+"""The dashboard's panels: training, hardware, loop status, experiments table, charts, activity log, detail view.
+
+Each panel keeps its own small state and renders it; tui/app.py feeds them events. Rendering depends only on that
+state (no clocks, pids or paths unless given), so the layout snapshots are deterministic.
+"""
+
+import math
+import time
+
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Vertical, VerticalScroll
+from textual.screen import ModalScreen
+from textual.widget import Widget
+from textual.widgets import DataTable, RichLog, Static
+from textual_plotext import PlotextPlot
+
+from tui.parser import FinalMetrics, StepMetrics
+from tui.results import as_float, exp_number
+
+MAX_CHART_POINTS = 1500  # the loss curve is thinned beyond this (a terminal has far fewer columns anyway)
+LOG_LINES = 2000
+DESCRIPTION_CHARS = 40
+GIB = 1 << 30
+MIB = 1 << 20
+
+STATUS_STYLES = {"keep": "green", "discard": "red", "crash": "magenta", "skip": "dim"}
+BASELINE_STYLE = "cyan"
+LEVEL_STYLES = {"info": "", "warning": "yellow", "error": "bold red"}
+# single-width symbols only: emoji widths differ between terminals and would break the borders
+STATE_ICONS = {
+    "idle": ("◯", "dim"), "initializing": ("⟳", "cyan"), "baseline": ("▶", "cyan"),
+    "thinking": ("◐", "yellow"), "waiting": ("⧗", "yellow"), "committing": ("✎", "white"),
+    "training": ("▶", "green"), "evaluating": ("◆", "magenta"), "paused": ("‖", "yellow"),
+    "stopping": ("■", "red"), "stopped": ("■", "red"), "failed": ("✗", "bold red"), "watching": ("◉", "cyan"),
+}
+
+# ---------------------------------------------------------------------------
+# Formatting
+# ---------------------------------------------------------------------------
+
+
+def fmt_duration(seconds) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "-"
+    if seconds < 9.95:
+        return f"{max(0.0, seconds):.1f}s"
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+
+
+def fmt_bytes(n) -> str:
+    if n is None:
+        return "-"
+    if n >= 100 * GIB:
+        return f"{n / GIB:.0f} GB"
+    if n >= GIB:
+        return f"{n / GIB:.1f} GB"
+    return f"{n / MIB:.0f} MB"
+
+
+def fmt_num(x, spec: str = ",.0f") -> str:
+    return "-" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
+
+
+def fmt_flops(flops) -> str:
+    if not flops:
+        return "-"
+    for scale, unit in ((1e15, "PFLOP/s"), (1e12, "TFLOP/s"), (1e9, "GFLOP/s")):
+        if flops >= scale:
+            return f"{flops / scale:.1f} {unit}"
+    return f"{flops:.3g} FLOP/s"
+
+
+def bar(fraction: float, width: int, style: str = "green") -> Text:
+    fraction = min(1.0, max(0.0, fraction))
+    filled = int(round(fraction * width))
+    return Text.assemble(("█" * filled, style), ("░" * (width - filled), "dim"))
+
+
+def line(*parts, style: str = "") -> Text:
+    """One panel line that never wraps (a long value ends in an ellipsis instead of pushing the border)."""
+    t = Text.assemble(*parts, style=style, no_wrap=True, overflow="ellipsis")
+    return t
+
+
+def fit(width: int, *candidates: str) -> str:
+    """The first (most detailed) candidate that fits in width cells, else the last one."""
+    return next((c for c in candidates if len(c) <= width), candidates[-1])
+
+
+def pairs_grid(rows) -> Table:
+    """label value  label value rows; labels dim. Cells never wrap."""
+    grid = Table.grid(padding=(0, 1))
+    for i in range(4):
+        grid.add_column(style="dim" if i % 2 == 0 else "", no_wrap=True, overflow="ellipsis",
+                        min_width=None if i % 2 == 0 else 10)
+    for row in rows:
+        grid.add_row(*[c if isinstance(c, Text) else Text(str(c)) for c in row])
+    return grid
+
+
+def status_style(row: dict) -> str:
+    if exp_number(row.get("exp")) == 0 and row.get("status") == "keep":
+        return BASELINE_STYLE
+    return STATUS_STYLES.get(row.get("status", ""), "")
+
+
+# ---------------------------------------------------------------------------
+# Training panel
+# ---------------------------------------------------------------------------
+
+
+class TrainingPanel(Widget):
+    """The current run: progress while it trains, the summary block once it is done."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.title = ""
+        self.note = "Waiting for training…"
+        self.last: StepMetrics | None = None
+        self.final: FinalMetrics | None = None
+        self.backend: str | None = None
+        self.verdict: tuple | None = None  # (text, style) once the run is judged / ended
+        self.running = False
+
+    def start(self, title: str, note: str = "Starting… (the first step can take a while: compiling)") -> None:
+        self.title, self.note = title, note
+        self.last, self.final, self.verdict, self.backend = None, None, None, None
+        self.running = True
+        self.refresh()
+
+    def wait(self, note: str, title: str = "") -> None:
+        """Nothing is training (e.g. the LLM is thinking): keep the last result, say what happens."""
+        self.note = note
+        if title:
+            self.title = title
+        self.refresh()
+
+    def set_backend(self, backend: str | None) -> None:
+        if backend and backend != self.backend:
+            self.backend = backend
+            self.refresh()
+
+    def step(self, sm: StepMetrics) -> None:
+        self.last = sm
+        self.running = True
+        self.refresh()
+
+    def finish(self, final: FinalMetrics | None, verdict: str | None = None, style: str = "",
+               note: str | None = None) -> None:
+        self.final = final or self.final
+        self.running = False
+        if verdict:
+            self.verdict = (verdict, style)
+        if note:
+            self.note = note
+        self.refresh()
+
+    def render(self):
+        width = max(20, self.size.width)
+        parts = []
+        if self.title or self.verdict:
+            verdict = ("  ", (self.verdict[0], f"bold {self.verdict[1]}")) if self.verdict else ()
+            parts.append(line((self.title or "training", "bold cyan"), *verdict))
+        f, s = self.final, self.last
+        if f is None and s is None:
+            parts.append(line((self.note, "dim")))
+            return Group(*parts)
+        pct = 100.0 if f is not None else s.pct_done
+        if f is None and not self.running:  # stopped or crashed before the summary: say why instead of a bar
+            style = self.verdict[1] if self.verdict else "dim"
+            parts.append(line((self.note or f"ended at {pct:.1f}% without a summary", style)))
+        else:
+            tail = f" {pct:5.1f}%"
+            if f is None and s.remaining is not None:
+                tail += f"  ETA {fmt_duration(s.remaining)}"
+            bar_width = max(8, width - len(tail))
+            parts.append(Text.assemble(bar(pct / 100.0, bar_width, "green" if f is not None else "cyan"), tail,
+                                       no_wrap=True, overflow="crop"))
+        if f is not None:
+            val = Text(f"{f.val_bpb:.6f}", style="bold green" if f.ok else "bold red")
+            time_text = f"{fmt_duration(f.training_seconds)} / {fmt_duration(f.total_seconds)}"
+            params = "-" if f.num_params_M is None else f"{f.num_params_M:.1f}M"
+            rows = [
+                ("val_bpb", val, "peak mem", "-" if f.peak_vram_mb is None else fmt_bytes(f.peak_vram_mb * MIB)),
+                ("steps", fmt_num(f.num_steps, ",d") if f.num_steps is not None else "-", "tokens",
+                 "-" if f.total_tokens_M is None else f"{f.total_tokens_M:,.1f}M"),
+                ("time", time_text, "MFU", "-" if f.mfu_percent is None else f"{f.mfu_percent:.2f}%"),
+                ("params", params + ("" if f.depth is None else f" · depth {f.depth}"), "backend",
+                 f.backend or self.backend or "-"),
+            ]
+        else:
+            rows = [
+                ("step", f"{s.step:05d}", "loss", "-" if s.loss is None else f"{s.loss:.4f}"),
+                ("tok/s", fmt_num(s.tok_per_sec), "lrm", "-" if s.lrm is None else f"{s.lrm:.2f}"),
+                ("MFU", "-" if s.mfu is None else f"{s.mfu:.1f}%", "epoch", fmt_num(s.epoch, "d")),
+                ("dt", "-" if s.dt_ms is None else f"{s.dt_ms:.0f} ms", "backend", self.backend or "detecting…"),
+            ]
+        parts.append(pairs_grid(rows))
+        return Group(*parts)
+
+
+# ---------------------------------------------------------------------------
+# Hardware panel
+# ---------------------------------------------------------------------------
+
+
+class HardwarePanel(Widget):
+    """Chip, memory (system/unified, the trainer's process tree, GPU) and the peak used for MFU."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.hw: dict | None = None
+        self.chip: str | None = None  # from the trainer's "Chip: ..." line
+        self.mfu_peak: float | None = None  # FLOP/s the trainer divides by for MFU
+        self.mem = None  # tui.sysmem.MemorySample
+
+    def set_hardware(self, hw: dict | None) -> None:
+        if hw:
+            self.hw = dict(hw)
+            self.refresh()
+
+    def set_trainer_chip(self, chip: str, peak_flops: float | None) -> None:
+        self.chip, self.mfu_peak = chip or self.chip, peak_flops or self.mfu_peak
+        self.refresh()
+
+    def set_memory(self, sample) -> None:
+        self.mem = sample
+        self.refresh()
+
+    def render(self):
+        hw, mem = self.hw or {}, self.mem
+        width = max(10, self.size.width)
+        chip = self.chip or hw.get("chip_name") or "detecting hardware…"
+        lines = [line((chip, "bold"))]
+        detail = []
+        if hw.get("gpu_cores"):
+            detail.append(f"{hw['gpu_cores']} GPU cores")
+        elif hw.get("sm_count"):
+            detail.append(f"{hw['sm_count']} {'CUs' if hw.get('kind') == 'amd' else 'SMs'}")
+        elif hw.get("cpu_cores"):
+            detail.append(f"{hw['cpu_cores']} cores")
+        total_gb = hw.get("memory_gb") or (mem.system_total / GIB if mem else None)
+        if total_gb:
+            kind = hw.get("memory_kind") or "system"
+            detail.append(f"{total_gb:.0f} GB {kind}" if total_gb >= 100 else f"{total_gb:.1f} GB {kind}")
+        if detail:
+            lines.append(line(" · ".join(detail)))
+        if mem is not None:
+            frac = mem.system_used / mem.system_total if mem.system_total else 0.0
+            style = "red" if frac > 0.9 else "yellow" if frac > 0.75 else "green"
+            label = "unified" if hw.get("memory_kind") == "unified" else "used"
+            numbers = f" {mem.system_used / GIB:.1f}/{mem.system_total / GIB:.1f} GB"
+            bar_width = max(4, min(20, width - len(label) - len(numbers) - 1))
+            lines.append(line((label + " ", "dim"), bar(frac, bar_width, style), numbers))
+            if mem.trainer is not None:
+                procs = f" in {mem.trainer_procs} procs" if mem.trainer_procs > 1 else ""
+                peak = f" · peak {fmt_bytes(mem.trainer_peak)}" if mem.trainer_peak and \
+                    mem.trainer_peak - mem.trainer > 100 * MIB else ""
+                now = fmt_bytes(mem.trainer)
+                text = fit(width - len("trainer "), now + procs + peak, now + peak, now + procs, now)
+                lines.append(line(("trainer ", "dim"), text))
+            else:
+                lines.append(line(("trainer ", "dim"), ("not running", "dim")))
+            for gpu in mem.gpus[:2]:
+                mine = f" · trainer {fmt_bytes(mem.trainer_gpu)}" if mem.trainer_gpu else ""
+                lines.append(line(("GPU ", "dim"), f"{gpu.used / GIB:.1f}/{gpu.total / GIB:.0f} GB", mine))
+        peak = self.mfu_peak or hw.get("peak_flops")
+        if peak:
+            dtype = hw.get("peak_flops_dtype") or ""
+            lines.append(line(("MFU peak ", "dim"), fmt_flops(peak), f" {dtype}" if dtype else ""))
+        return Group(*lines)
+
+
+# ---------------------------------------------------------------------------
+# Loop status panel
+# ---------------------------------------------------------------------------
+
+
+class StatusPanel(Widget):
+    """The agent's state, the tag's totals, best result and noise margin, LLM usage."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.state = "idle"
+        self.message = ""
+        self.stats = None  # tui.events.Stats
+        self.pause_pending = False
+        self.context = ""  # shown on the bottom border, e.g. "max 100 · scope hparams"
+
+    def set_state(self, state: str, message: str = "") -> None:
+        self.state, self.message = state, message
+        self.border_subtitle = self.context
+        self.refresh(layout=True)
+
+    def set_stats(self, stats) -> None:
+        self.stats = stats
+        self.refresh(layout=True)
+
+    def set_pause_pending(self, pending: bool) -> None:
+        self.pause_pending = pending
+        self.refresh(layout=True)
+
+    def render(self):
+        icon, style = STATE_ICONS.get(self.state, ("•", ""))
+        first = line((f"{icon} {self.state.upper()}", f"bold {style}"), "  ", self.message)
+        if self.pause_pending and self.state not in ("paused", "stopped", "failed"):
+            first = line((f"{icon} {self.state.upper()}", f"bold {style}"), "  ",
+                         ("pausing after this experiment · ", "bold yellow"), self.message)
+        lines = [first]
+        st = self.stats
+        if st is not None:
+            best = "-" if st.best_val_bpb is None else f"{st.best_val_bpb:.6f}"
+            if st.best_exp is not None:
+                best += f" (exp{st.best_exp})"
+            t = Text.assemble(("runs ", "dim"), str(st.runs), ("  kept ", "dim"), (str(st.kept), "green"),
+                              ("  discarded ", "dim"), (str(st.discarded), "red"))
+            if st.crashed:  # zero counts are left out so the line fits 80 columns
+                t.append_text(Text.assemble(("  crashed ", "dim"), (str(st.crashed), "magenta")))
+            if st.skipped:
+                t.append_text(Text.assemble(("  skipped ", "dim"), str(st.skipped)))
+            t.append_text(Text.assemble(("  best ", "dim"), (best, "bold green")))
+            lines.append(t)
+            # the keep rule's figures (noise floor, margin, plateau: Stats.extra), then the LLM's bill
+            u = Text()
+            for key, value in (st.extra or {}).items():
+                shown = f"{value:.4g}" if isinstance(value, float) else str(value)
+                u.append_text(Text.assemble((f"{key} ", "dim"), shown, "  "))
+            if st.llm_calls or st.input_tokens or st.output_tokens:
+                cost = "unknown" if st.cost_usd is None else f"${st.cost_usd:.4f}"
+                u.append_text(Text.assemble(("LLM ", "dim"), f"{st.input_tokens + st.output_tokens:,} tokens",
+                                            ("  cost ", "dim"), cost))
+            elif self.state != "watching":
+                u.append("LLM no calls yet", style="dim")
+            u.rstrip()
+            if u.plain:
+                lines.append(u)
+        return Group(*lines)
+
+
+# ---------------------------------------------------------------------------
+# Charts
+# ---------------------------------------------------------------------------
+
+
+def int_ticks(lo: float, hi: float, n: int = 5) -> list:
+    """Up to n whole-number ticks from lo to hi (steps and experiment numbers are integers)."""
+    lo, hi = int(math.floor(lo)), int(math.ceil(hi))
+    if hi <= lo:
+        return [lo]
+    step = max(1, math.ceil((hi - lo) / max(1, n - 1)))
+    return list(range(lo, hi + 1, step))
+
+
+class LossChart(PlotextPlot):
+    """Training loss of the current run, live."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.steps: list = []
+        self.losses: list = []
+        self.label = ""
+
+    def on_mount(self) -> None:
+        super().on_mount()
+        self.replot()
+
+    def reset(self, label: str = "") -> None:
+        self.steps, self.losses, self.label = [], [], label
+        self.replot()
+
+    def add(self, step: int, loss: float | None) -> None:
+        if loss is None or not math.isfinite(loss):
+            return
+        if self.steps and step <= self.steps[-1]:  # a restarted log: start over
+            self.steps, self.losses = [], []
+        self.steps.append(step)
+        self.losses.append(loss)
+        self.replot()
+
+    def replot(self) -> None:
+        plt = self.plt
+        plt.clear_data()
+        plt.clear_figure()
+        self.border_title = "Training loss" + (f" · {self.label}" if self.label else "")
+        self.border_subtitle = (f"step {self.steps[-1]} · loss {self.losses[-1]:.4f}" if self.losses else
+                                "waiting for training steps")
+        if self.losses:
+            k = max(1, math.ceil(len(self.losses) / MAX_CHART_POINTS))
+            plt.plot(self.steps[::k], self.losses[::k], marker="braille", color="cyan")
+            plt.xticks(int_ticks(self.steps[0], self.steps[-1]))
+        else:
+            plt.xticks([])
+            plt.yticks([])
+        self.refresh()
+
+
+class BpbChart(PlotextPlot):
+    """val_bpb per experiment (kept and discarded) with the running best: upstream's progress chart."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.rows: list = []
+
+    def on_mount(self) -> None:
+        super().on_mount()
+        self.replot()
+
+    def set_rows(self, rows: list) -> None:
+        self.rows = list(rows)
+        self.replot()
+
+    def series(self):
+        """(kept [(exp, val)], discarded [(exp, val)], running best as a step line [(exp, val)]). An experiment
+        with several runs (confirmation or noise-floor runs) is one point: the mean of its runs."""
+        runs: dict = {}  # exp -> (status of its first row, [val_bpb of scored runs])
+        for r in self.rows:
+            n, val = exp_number(r.get("exp")), as_float(r.get("val_bpb"))
+            if n is None:
+                continue
+            status, vals = runs.setdefault(n, (r.get("status"), []))
+            if val is not None and val > 0 and r.get("status") in ("keep", "discard"):
+                vals.append(val)
+        kept, disc, best_line, best = [], [], [], None
+        for n in sorted(runs):
+            status, vals = runs[n]
+            if status not in ("keep", "discard") or not vals:
+                continue
+            val = sum(vals) / len(vals)
+            (kept if status == "keep" else disc).append((n, val))
+            if status == "keep" and (best is None or val < best):
+                if best is not None:
+                    best_line.append((n, best))  # the step down happens at this experiment
+                best = val
+                best_line.append((n, best))
+        if best_line and (kept or disc):
+            last = max(x for x, _ in kept + disc)
+            if last > best_line[-1][0]:
+                best_line.append((last, best))
+        return kept, disc, best_line
+
+    def replot(self) -> None:
+        plt = self.plt
+        plt.clear_data()
+        plt.clear_figure()
+        kept, disc, best_line = self.series()
+        self.border_title = "val_bpb per experiment"
+        best = min(kept, key=lambda p: p[1]) if kept else None
+        self.border_subtitle = (f"best {best[1]:.6f} (exp{best[0]}) · ● kept x discarded" if best else
+                                "no results yet")
+        if not (kept or disc):
+            plt.xticks([])
+            plt.yticks([])
+            self.refresh()
+            return
+        if len(best_line) > 1:
+            plt.plot([x for x, _ in best_line], [y for _, y in best_line], color="green", marker="braille")
+        if disc:
+            plt.scatter([x for x, _ in disc], [y for _, y in disc], color="red", marker="x")
+        if kept:
+            plt.scatter([x for x, _ in kept], [y for _, y in kept], color="green", marker="●")
+        xs = [x for x, _ in kept + disc]
+        plt.xticks(int_ticks(min(xs), max(xs)))
+        self.refresh()
+
+
+# ---------------------------------------------------------------------------
+# Experiments table
+# ---------------------------------------------------------------------------
+
+
+class ExperimentsTable(DataTable):
+    """results.tsv, newest first, coloured by status. Row keys are the row's index in the file."""
+
+    COLUMNS = ("Exp", "Status", "val_bpb", "Description", "Mem GB", "tok/s", "MFU %", "Steps", "Time")
+    BINDINGS = [Binding("enter", "select_cursor", "Diff")]
+
+    def __init__(self, **kwargs):
+        super().__init__(cursor_type="row", zebra_stripes=True, **kwargs)
+        self.rows_by_key: dict = {}
+
+    def on_mount(self) -> None:
+        for name in self.COLUMNS:
+            self.add_column(name, key=name)
+
+    def load(self, rows: list) -> None:
+        selected = None
+        if self.row_count:
+            try:
+                selected = self.coordinate_to_cell_key(self.cursor_coordinate).row_key.value
+            except Exception:
+                selected = None
+        self.clear()
+        self.rows_by_key = {}
+        for i in range(len(rows) - 1, -1, -1):
+            r = rows[i]
+            style = status_style(r)
+            key = str(i)
+            self.rows_by_key[key] = r
+            val = as_float(r.get("val_bpb"))
+            val_text = f"{val:.6f}" if val and r.get("status") in ("keep", "discard") else "-"
+            desc = " ".join(str(r.get("description", "")).split())
+            if len(desc) > DESCRIPTION_CHARS:
+                desc = desc[:DESCRIPTION_CHARS - 1] + "…"
+            run = (r.get("run") or "").strip()
+            exp = r.get("exp", "") + (f" r{run}" if run.isdigit() and int(run) > 0 else "")
+            cells = [exp, r.get("status", ""), val_text, desc, _blank_zero(r.get("memory_gb")),
+                     _thousands(r.get("tok_sec")), r.get("mfu", ""), r.get("steps", ""),
+                     fmt_duration(as_float(r.get("seconds"))) if as_float(r.get("seconds")) is not None else ""]
+            texts = [Text(str(c), style=style) for c in cells]
+            if r.get("status") == "keep":
+                texts[2].stylize("bold")
+            self.add_row(*texts, key=key)
+        if selected in self.rows_by_key:
+            self.move_cursor(row=self.get_row_index(selected), animate=False)
+
+    def selected_row(self) -> dict | None:
+        if not self.row_count:
+            return None
+        try:
+            key = self.coordinate_to_cell_key(self.cursor_coordinate).row_key.value
+        except Exception:
+            return None
+        return self.rows_by_key.get(key)
+
+
+def _blank_zero(text) -> str:
+    x = as_float(text)
+    return "" if x is None or x == 0 else str(text)
+
+
+def _thousands(text) -> str:
+    x = as_float(text)
+    return "" if x is None else f"{x:,.0f}"
+
+
+# ---------------------------------------------------------------------------
+# Activity log
+# ---------------------------------------------------------------------------
+
+
+class ActivityLog(RichLog):
+    """Timestamped events. `clock` makes the timestamps deterministic in snapshots."""
+
+    def __init__(self, clock=None, **kwargs):
+        super().__init__(wrap=True, markup=False, highlight=False, max_lines=LOG_LINES, min_width=1, **kwargs)
+        self.clock = clock or (lambda: time.strftime("%H:%M:%S"))
+        self.history: list = []  # plain text of what was written, newest last (bounded like the widget)
+
+    def add(self, message: str, style: str = "") -> None:
+        for i, text in enumerate(str(message).splitlines() or [""]):
+            stamp = f"{self.clock()} " if i == 0 else " " * (len(self.clock()) + 1)
+            self.write(Text.assemble((stamp, "dim"), (text, style)))
+            self.history.append(stamp + text)
+        del self.history[:-LOG_LINES]
+
+
+# ---------------------------------------------------------------------------
+# Detail view: one experiment's diff and log tail
+# ---------------------------------------------------------------------------
+
+
+def diff_text(diff: str) -> Text:
+    out = Text(no_wrap=True, overflow="crop")
+    for ln in diff.splitlines():
+        if ln.startswith("+++") or ln.startswith("---"):
+            style = "bold"
+        elif ln.startswith("+"):
+            style = "green"
+        elif ln.startswith("-"):
+            style = "red"
+        elif ln.startswith("@@"):
+            style = "cyan"
+        else:
+            style = ""
+        out.append(ln + "\n", style=style)
+    return out
+
+
+class DetailScreen(ModalScreen):
+    """A modal with what an experiment changed and how its training ended."""
+
+    BINDINGS = [Binding("escape", "dismiss", "Close"), Binding("q", "dismiss", "Close"),
+                Binding("enter", "dismiss", "Close", show=False)]
+
+    def __init__(self, title: str, diff: str, log: str, log_name: str = "log"):
+        super().__init__()
+        self.title_text, self.diff_body, self.log_body, self.log_name = title, diff, log, log_name
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="detail"):
+            with VerticalScroll(id="detail-scroll"):
+                yield Static(Text("diff", style="bold underline"))
+                yield Static(diff_text(self.diff_body or "(empty)"), id="detail-diff")
+                yield Static(Text(f"\n{self.log_name} (tail)", style="bold underline"))
+                yield Static(Text(self.log_body or "(no log)", no_wrap=True, overflow="crop"), id="detail-log")
+            yield Static(Text("esc / q / enter: close · arrows: scroll", style="dim"), id="detail-help")
+
+    def on_mount(self) -> None:
+        self.query_one("#detail").border_title = self.title_text
+        self.query_one("#detail-scroll").focus()
