@@ -104,16 +104,21 @@ def sdpa_attention(q, k, v, window):
     return y.transpose(1, 2)
 
 
-def flex_attention_fn(q, k, v, window):
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-    T = q.size(1)
-    key = ("flex", T, window, str(q.device))
+def flex_block_mask(T, window, device):
+    """Built outside the compiled model (setup precomputes them): creating one while tracing would break the graph."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    key = ("flex", T, window, str(device))
     if key not in _masks:
         def sliding_causal(b, h, q_idx, kv_idx):
             return (q_idx >= kv_idx) & (q_idx - kv_idx <= window)
-        _masks[key] = create_block_mask(sliding_causal, B=None, H=None, Q_LEN=T, KV_LEN=T, device=q.device)
-    y = flex_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=_masks[key],
-                       enable_gqa=k.size(2) != q.size(2))
+        _masks[key] = create_block_mask(sliding_causal, B=None, H=None, Q_LEN=T, KV_LEN=T, device=device)
+    return _masks[key]
+
+
+def flex_attention_fn(q, k, v, window):
+    from torch.nn.attention.flex_attention import flex_attention
+    y = flex_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                       block_mask=flex_block_mask(q.size(1), window, q.device), enable_gqa=k.size(2) != q.size(2))
     return y.transpose(1, 2)
 
 
@@ -399,6 +404,9 @@ if __name__ == "__main__":
     optimizer = model.setup_optimizer(unembedding_lr=UNEMBEDDING_LR, embedding_lr=EMBEDDING_LR, scalar_lr=SCALAR_LR,
                                       adam_betas=ADAM_BETAS, matrix_lr=MATRIX_LR, weight_decay=WEIGHT_DECAY)
     if use_compile:
+        if attention is flex_attention_fn:
+            for window in set(model.window_sizes):
+                flex_block_mask(MAX_SEQ_LEN, window, device)
         model = torch.compile(model, dynamic=False)
 
     train_loader = make_dataloader(tokenizer, DEVICE_BATCH_SIZE, MAX_SEQ_LEN, "train", device=device)

@@ -83,6 +83,21 @@ def test_same_parameters_after_one_optimizer_step():
         moved += 1
     assert moved == len(torch_params)
 
+def test_flex_attention_matches_sdpa_windows():
+    """The CUDA attention path (FlexAttention, here in eager mode on the CPU) equals SDPA with an explicit mask."""
+    import torch
+    import train
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 64, 2, 32) for _ in range(3))
+    for window in (16, 32, 64):
+        np.testing.assert_allclose(train.flex_attention_fn(q, k, v, window).numpy(),
+                                   train.sdpa_attention(q, k, v, window).numpy(), atol=1e-5)
+    # and the window really limits attention: a change 20 tokens back is invisible with window 16
+    k2 = k.clone()
+    k2[:, 10] += 5.0
+    a, b = train.sdpa_attention(q, k, v, 16), train.sdpa_attention(q, k2, v, 16)
+    assert torch.equal(a[:, 27:], b[:, 27:]) and not torch.equal(a[:, 10:27], b[:, 10:27])
+
 # ---------------------------------------------------------------------------
 # End to end on tiny data, both trainers
 # ---------------------------------------------------------------------------
