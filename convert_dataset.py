@@ -29,7 +29,6 @@ import re
 import shutil
 import sys
 import time
-import urllib.parse
 from dataclasses import dataclass, replace
 
 import pyarrow as pa
@@ -133,7 +132,7 @@ REGISTRY = {s.name: s for s in [
 # ---------------------------------------------------------------------------
 
 def file_url(repo, path, revision):
-    return prepare.hf_file_url(repo, path, urllib.parse.quote(revision, safe=""))
+    return prepare.hf_file_url(repo, path, revision)
 
 
 def _offline(detail):

@@ -332,7 +332,9 @@ def hf_endpoint():
 
 
 def hf_file_url(repo, filename, revision="main"):
-    return f"{hf_endpoint()}/datasets/{repo}/resolve/{revision}/{filename}"
+    from urllib.parse import quote
+    # a branch such as refs/convert/parquet is one path segment: its slashes must be encoded
+    return f"{hf_endpoint()}/datasets/{repo}/resolve/{quote(revision, safe='')}/{filename}"
 
 
 class DownloadError(PrepareError):
