@@ -148,6 +148,19 @@ def classify_status(status: int, message: str, retry_after: float | None = None)
     return LLMError("request", f"request rejected (HTTP {status}): {message}", status)
 
 
+def translate_sdk_error(sdk, e: Exception, error_message) -> LLMError:
+    """Map an exception of the anthropic or openai SDK (they share one generated exception hierarchy) to LLMError;
+    error_message(e) extracts the provider's own error text."""
+    if isinstance(e, sdk.APITimeoutError):
+        return LLMError("retryable", "request timed out")
+    if isinstance(e, sdk.APIConnectionError):
+        return LLMError("retryable", f"connection error: {e}")
+    if isinstance(e, sdk.APIStatusError):
+        headers = getattr(e.response, "headers", None)
+        return classify_status(e.status_code, error_message(e), parse_retry_after(headers))
+    return LLMError("request", f"{type(e).__name__}: {e}")
+
+
 # ---------------------------------------------------------------------------
 # Retry policy
 # ---------------------------------------------------------------------------

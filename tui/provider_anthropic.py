@@ -1,6 +1,6 @@
 """Anthropic Messages API through the official `anthropic` SDK."""
 
-from tui.llm import LLMError, LLMReply, Provider, classify_status, parse_retry_after
+from tui.llm import LLMError, LLMReply, Provider, translate_sdk_error
 
 
 def _error_message(e) -> str:
@@ -23,15 +23,7 @@ class AnthropicProvider(Provider):
         self.max_tokens = max_tokens
 
     def _translate(self, e: Exception) -> LLMError:
-        sdk = self._sdk
-        if isinstance(e, sdk.APITimeoutError):
-            return LLMError("retryable", "request timed out")
-        if isinstance(e, sdk.APIConnectionError):
-            return LLMError("retryable", f"connection error: {e}")
-        if isinstance(e, sdk.APIStatusError):
-            headers = getattr(e.response, "headers", None)
-            return classify_status(e.status_code, _error_message(e), parse_retry_after(headers))
-        return LLMError("request", f"{type(e).__name__}: {e}")
+        return translate_sdk_error(self._sdk, e, _error_message)
 
     def check(self) -> None:
         # retrieving the model is free and proves both the key and the model name

@@ -1,7 +1,7 @@
 """Any OpenAI-compatible chat-completions endpoint through the `openai` SDK: OpenAI, OpenRouter, vLLM,
 llama.cpp server, LM Studio, Ollama's /v1."""
 
-from tui.llm import LLMError, LLMReply, Provider, classify_status, parse_retry_after
+from tui.llm import LLMError, LLMReply, Provider, translate_sdk_error
 
 LOCAL_PLACEHOLDER_KEY = "not-needed"  # local servers ignore the key, but the SDK insists on one
 
@@ -32,15 +32,7 @@ class OpenAIProvider(Provider):
         self.max_tokens = max_tokens
 
     def _translate(self, e: Exception) -> LLMError:
-        sdk = self._sdk
-        if isinstance(e, sdk.APITimeoutError):
-            return LLMError("retryable", "request timed out")
-        if isinstance(e, sdk.APIConnectionError):
-            return LLMError("retryable", f"connection error: {e}")
-        if isinstance(e, sdk.APIStatusError):
-            headers = getattr(e.response, "headers", None)
-            return classify_status(e.status_code, _error_message(e), parse_retry_after(headers))
-        return LLMError("request", f"{type(e).__name__}: {e}")
+        return translate_sdk_error(self._sdk, e, _error_message)
 
     def check(self) -> None:
         try:
