@@ -37,7 +37,7 @@ def cli(*args, env=None, cwd=None, input=None, timeout=60):
 
 def agent_args(server, *extra):
     return ["--agent", "--headless", "--tag", "t1", "--model", "claude-sonnet-4-6", "--base-url", server.base_url,
-            "--script", "train.py", "--timeout", "30", *extra]
+            "--script", "train.py", "--timeout", "30", "--keep-rule", "single", "--noise-runs", "1", *extra]
 
 
 def start_agent(repo, server, *extra):

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from tui.credentials import PROVIDERS
+from tui.decision import KEEP_RULES
 from tui.git_repo import validate_tag
 from tui.prompt import SCOPES
 
@@ -65,7 +66,13 @@ class AgentConfig:
     python: str = sys.executable
     seed: int | None = None  # AUTORESEARCH_SEED for the trainer; None leaves the trainer's default
     protected: tuple = PROTECTED
-    keep_rule: str = "single"
+    # keep rule (tui.decision): "confirm" keeps only what beats the best mean by the noise margin, over 2+ runs;
+    # "single" keeps any single run that beats the best (the seed's and upstream's rule)
+    keep_rule: str = "confirm"
+    noise_runs: int = 3  # baseline runs (seeds 42, 43, ...) that measure the noise floor at the start of a tag
+    confirm_runs: int = 2  # extra runs (other seeds) a promising candidate may get before the verdict
+    remeasure_noise: bool = False  # measure the noise floor again on the best commit before the next experiment
+    plateau: int = 15  # experiments without a keep before the prompt asks for a new direction (0: never)
     hardware: dict | None = None  # None: detect with backends.get_hardware_info()
     # LLM calls
     max_tokens: int = 4096
@@ -95,6 +102,17 @@ class AgentConfig:
             raise ConfigError(f"unknown scope {self.scope!r}: choose hparams or file")
         if self.max_experiments < 1:
             raise ConfigError("--max must be at least 1 (the baseline is experiment 0)")
+        if self.keep_rule not in KEEP_RULES:
+            raise ConfigError(f"unknown keep rule {self.keep_rule!r}: choose one of {', '.join(KEEP_RULES)}")
+        if self.noise_runs < 1:
+            raise ConfigError("--noise-runs must be at least 1 (1: no noise-floor measurement)")
+        if self.keep_rule == "confirm" and self.noise_runs < 2:
+            raise ConfigError("--keep-rule confirm needs --noise-runs 2 or more (it decides with the measured noise "
+                              "floor); use --keep-rule single for one baseline run")
+        if self.confirm_runs < 0:
+            raise ConfigError("--confirm-runs must be 0 or more")
+        if self.plateau < 0:
+            raise ConfigError("--plateau must be 0 (off) or more")
         if self.timeout is not None and self.timeout <= 0:
             raise ConfigError("--timeout must be a positive number of seconds")
         budget = self.time_budget if self.time_budget is not None else read_time_budget(repo)

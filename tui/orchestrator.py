@@ -9,21 +9,30 @@ Order inside one experiment (what makes kill -9 at any point recoverable):
     think -> write script -> git commit "expN: ..." -> train -> decide -> revert unless kept -> append the row.
 On the next start, a HEAD commit "expN: ..." without a keep row is an interrupted experiment: it is reverted and
 experiment N runs again.
+
+Several runs of one commit (tui.decision): the keep rule may ask for confirmation runs with other seeds; the rows of
+all runs are appended together once the verdict is in. While a verdict is pending, runs/pending-<tag>.json holds the
+finished runs (written atomically after each one), so a kill -9 mid-confirmation loses only the run in progress: the
+next start finds HEAD on that experiment's commit with a matching pending file, keeps the commit and continues the
+confirmation with the next seed (no new LLM call). Stop finishes the experiment, confirmation runs included; abort and
+fatal errors revert it as before (the pending file goes too). Noise-floor runs (the baseline's, --remeasure-noise)
+are rows of their own, appended one by one; a measurement cut short is topped up on the next start.
 """
 
 import dataclasses
+import json
 import os
 import re
 import shutil
 import threading
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tui.config import AgentConfig
 from tui.credentials import CredentialError, Redactor, is_local_url, is_secret_name, resolve_key
-from tui.decision import Candidate, make_keep_rule
+from tui.decision import DEFAULT_SEED, Candidate, Verdict, latest_measurement, make_keep_rule
 from tui.events import ExperimentInfo, ExperimentResult, ListenerGroup, State, Stats
 from tui.git_repo import GitError, GitRepo
 from tui.llm import (Interrupted, LLMError, RetryPolicy, Usage, call_with_retry, format_cost, make_provider,
@@ -33,7 +42,8 @@ from tui.parser import parse_output
 from tui.prompt import (AnswerError, PromptContext, ScriptError, apply_proposal, corrective_prompt, find_hparams,
                         parse_answer, system_prompt, user_prompt)
 from tui.protected import ProtectedFiles
-from tui.results import ResultsFile, exp_number, rows_for_tag, summarize
+from tui.results import ResultsFile, exp_number, group_experiments, rows_for_tag, summarize
+from tui.status_file import write_json_atomic
 from tui.training_run import TrainingRun, kill_process_group
 
 EXP_SUBJECT_RE = re.compile(r"^exp(\d+):")
@@ -65,6 +75,23 @@ class RunSummary:
     aborted: bool = False
 
 
+@dataclass
+class Trial:
+    """One experiment's runs of its commit while the keep rule may still want more (saved for a kill -9 resume)."""
+    exp: int
+    commit: str  # full sha
+    description: str
+    reasoning: str = ""
+    baseline: bool = False
+    rows: list = field(default_factory=list)  # one results row per finished run; status and notes set at the end
+    values: list = field(default_factory=list)  # val_bpb of each scored run
+    seeds: list = field(default_factory=list)
+
+    def candidate(self) -> Candidate:
+        return Candidate(self.exp, self.commit, self.description, runs=list(self.values), seeds=list(self.seeds),
+                         baseline=self.baseline)
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text, encoding="utf-8")
@@ -80,7 +107,8 @@ class Orchestrator:
         self.cfg = config.resolved()
         self.events = ListenerGroup(listeners)
         self.provider = provider  # tests and embedders may pass a ready Provider; otherwise built from the config
-        self.keep_rule = keep_rule or make_keep_rule(self.cfg.keep_rule)
+        self.keep_rule = keep_rule or make_keep_rule(self.cfg.keep_rule, noise_runs=self.cfg.noise_runs,
+                                                     confirm_runs=self.cfg.confirm_runs, plateau=self.cfg.plateau)
         self.git = GitRepo(self.cfg.repo)
         self.results = ResultsFile(self.cfg.results)
         self.policy = RetryPolicy(self.cfg.llm_attempts, self.cfg.backoff_base, self.cfg.backoff_cap,
@@ -105,6 +133,8 @@ class Orchestrator:
         self._skips_in_a_row = 0
         self._crashes_in_a_row = 0
         self._session_rows = 0
+        self._resume: Trial | None = None  # a confirmation cut short by kill -9, continued first
+        self._last_note = ""
         self._stop = threading.Event()
         self._abort = threading.Event()
         self._skip = threading.Event()
@@ -185,6 +215,14 @@ class Orchestrator:
         ok, reason = True, ""
         try:
             self._startup()
+            if self._resume is not None:  # a confirmation cut short by kill -9: finish it before anything else
+                trial, self._resume = self._resume, None
+                self._continue_trial(trial)
+                self.stats.experiment = None
+                self._refresh_stats()
+                self._announce()
+            if not self._stop.is_set():
+                self._startup_noise()
             while True:
                 if self._stop.is_set():
                     reason = "stopped on request"
@@ -203,6 +241,7 @@ class Orchestrator:
                     self._experiment(n)
                 self.stats.experiment = None
                 self._refresh_stats()
+                self._announce()
                 self._check_guards()
         except StopRequested:
             reason = "stopped on request"
@@ -282,6 +321,8 @@ class Orchestrator:
             created = self.git.checkout_branch(cfg.branch)
             if not created:
                 self._revert_interrupted()
+            if self._resume is None:
+                self._drop_pending()  # a confirmation that was reverted or recorded: nothing to continue
         except GitError as e:
             raise FatalError(str(e)) from None
         self._log(f"{'created' if created else 'on'} branch {cfg.branch} at {self.git.head(short=True)}")
@@ -297,8 +338,11 @@ class Orchestrator:
         st = self.stats
         if st.next_exp > 0:
             best = f"{st.best_val_bpb:.6f} (exp{st.best_exp})" if st.best_val_bpb is not None else "none yet"
-            self._log(f"resuming at exp{st.next_exp}: {st.runs} runs so far ({st.kept} kept, {st.discarded} "
+            self._log(f"resuming at exp{st.next_exp}: {st.runs} experiments so far ({st.kept} kept, {st.discarded} "
                       f"discarded, {st.crashed} crashed, {st.skipped} skipped), best val_bpb {best}")
+            note = self.keep_rule.noise_summary(self.rows)
+            if note:
+                self._log(note)
 
     def _resolve_script(self) -> str:
         cfg = self.cfg
@@ -400,13 +444,19 @@ class Orchestrator:
 
     def _revert_interrupted(self) -> None:
         m = EXP_SUBJECT_RE.match(self.git.head_subject())
-        if not m:
+        if not m or self._resume is not None:
             return
         n = int(m.group(1))
         mine = [r for r in self.rows if exp_number(r.get("exp")) == n]
         if mine and mine[-1].get("status") == "keep":
             return
         sha = self.git.head()
+        trial = self._load_pending(n, sha) if not mine else None
+        if trial is not None:
+            self._resume = trial
+            self._log(f"exp{n} was interrupted during its confirmation runs: continuing it ({len(trial.values)} "
+                      f"run{'s' if len(trial.values) != 1 else ''} done, no new LLM call)", "warning")
+            return
         self.git.revert_experiment(sha, self.script, f"exp{n}: revert (interrupted)")
         self._log(f"exp{n} was interrupted before its result was recorded: reverted {self.script} "
                   f"(commit {sha[:7]}); it runs again", "warning")
@@ -562,7 +612,8 @@ class Orchestrator:
     def _experiment(self, n: int) -> None:
         self._skip.clear()  # a skip pressed between experiments must not hit the next one
         script_path = self.cfg.repo / self.script
-        self._set_state(State.THINKING, f"exp{n}: asking {self.provider.describe()}")
+        note = self.keep_rule.status_note(self.rows)
+        self._set_state(State.THINKING, f"exp{n}: asking {self.provider.describe()}" + (f" ({note})" if note else ""))
         source = script_path.read_text(encoding="utf-8")
         usage = Usage()
         try:
@@ -634,25 +685,46 @@ class Orchestrator:
             self.events.emit("on_output", self.redact(pl.text))
 
     def _conclude(self, n, sha, desc, reasoning, outcome, usage, baseline=False) -> None:
-        self._set_state(State.EVALUATING, f"exp{n}: evaluating")
-        runs = [(outcome, self.cfg.seed)]
-        status, notes = self._judge(outcome)
-        if status is None:  # a real result: ask the keep rule (which may want more runs of this commit)
-            cand = Candidate(n, sha, desc, runs=[outcome.final.val_bpb], seeds=[self.cfg.seed], baseline=baseline)
-            verdict = self.keep_rule.decide(cand, self.rows)
-            while verdict.action == "rerun":
-                self._set_state(State.TRAINING, f"exp{n}: confirmation run {len(runs)} ({verdict.reason})")
-                extra = self._train(n, run=len(runs), seed=verdict.seed)
-                runs.append((extra, verdict.seed))
-                status, notes = self._judge(extra)
-                if status is not None:  # a crash, skip or abort during a confirmation run ends the experiment
+        trial = Trial(n, sha, desc, reasoning, baseline=baseline)
+        self._continue_trial(trial, outcome, self.cfg.seed, usage)
+
+    def _continue_trial(self, trial: Trial, outcome=None, seed=None, usage: Usage | None = None) -> None:
+        """Record the run just finished (if any), then ask the keep rule, training again while it says rerun."""
+        n, status, notes, verdict, last = trial.exp, None, "", None, outcome
+        self._pending = None if trial.baseline else (n, trial.commit)
+        self.stats.experiment = n
+        while True:
+            if outcome is not None:
+                self._set_state(State.EVALUATING, f"exp{n}: evaluating")
+                run = len(trial.rows)
+                status, notes = self._judge(outcome)
+                # provisional status "discard" so the row carries the run's figures; the final one is set at the end
+                trial.rows.append(self._row(n, status or "discard", trial.description, trial.commit, outcome, notes,
+                                            usage or Usage(), run=run, seed=seed))
+                if status is not None:  # a crash, skip or abort (also during a confirmation run) ends the experiment
                     break
-                cand.runs.append(extra.final.val_bpb)
-                cand.seeds.append(verdict.seed)
-                verdict = self.keep_rule.decide(cand, self.rows)
-            else:
+                trial.values.append(outcome.final.val_bpb)
+                trial.seeds.append(seed)
+            verdict = self.keep_rule.decide(trial.candidate(), self.rows)
+            if verdict.action != "rerun":
                 status, notes = verdict.action, verdict.reason
+                break
+            self._save_pending(trial)
+            seed, run, usage = verdict.seed, len(trial.rows), Usage()
+            self._log(f"exp{n}: {verdict.reason}")
+            info = ExperimentInfo(n, trial.description, "", trial.commit[:7], baseline=trial.baseline, run=run,
+                                  seed=seed, log_path=str(self.cfg.runs_dir / f"exp{n}-run{run}.log"))
+            self.events.emit("on_experiment_start", info)
+            most = getattr(self.keep_rule, "confirm_runs", None)
+            self._set_state(State.TRAINING, f"exp{n}: confirmation run {run}" + (f"/{most}" if most else "")
+                            + f" (seed {seed})")
+            outcome = last = self._train(n, run=run, seed=seed)
+        self._finish_trial(trial, status, notes, verdict, last)
+
+    def _finish_trial(self, trial: Trial, status: str, notes: str, verdict: Verdict | None, last) -> None:
+        n, sha, desc, baseline = trial.exp, trial.commit, trial.description, trial.baseline
         if status == "abort":
+            self._drop_pending()
             if not baseline:
                 self._revert(n, sha, "aborted")
             self._log(f"exp{n} aborted: {'reverted, ' if not baseline else ''}no result recorded; it runs again "
@@ -662,25 +734,152 @@ class Orchestrator:
             self._revert(n, sha, status)
         if status == "crash":
             self._crashes_in_a_row += 1
-            last = runs[-1][0]
-            self._last_crash = (n, self._crash_text(n, desc, notes, last.tail[-CRASH_TAIL_LINES:]))
+            tail = last.tail[-CRASH_TAIL_LINES:] if last is not None else []
+            self._last_crash = (n, self._crash_text(n, desc, notes, tail))
             if baseline:
+                where = f"; see {last.log_path}" if last is not None else ""
                 self._log("the unmodified baseline crashed: the setup may be broken (data prepared? enough "
-                          f"memory?); see {last.log_path}", "error")
+                          f"memory?){where}", "error")
         elif status in ("keep", "discard"):
             self._crashes_in_a_row = 0
         if status != "skip":
             self._skips_in_a_row = 0
-        for i, (o, seed) in enumerate(runs):
-            row = self._row(n, status, desc, sha, o, notes, usage if i == 0 else Usage(), run=i, seed=seed)
+        noise = bool(verdict is not None and verdict.noise and status == "keep")
+        for row in trial.rows:
+            row["status"], row["notes"] = status, self.redact(notes)
+            row["kind"] = "noise" if noise else ("confirm" if int(row["run"]) > 0 else "")
+            if status not in ("keep", "discard"):
+                row["val_bpb"], row["memory_gb"] = "0.000000", "0.0"
             self.results.append(row)
             self.rows.append(row)
+        self._drop_pending()  # only now: a kill -9 before this point still finds the runs (or the rows) on restart
         self._pending = None
         self._session_rows += 1
-        last = runs[-1][0]
-        result = ExperimentResult(n, status, desc, last.final.val_bpb if last.final else None, sha[:7], notes,
-                                  last.final, last.seconds, run=len(runs) - 1, row=self.rows[-1])
+        value = trial.candidate().mean if status in ("keep", "discard") and trial.values else None
+        result = ExperimentResult(n, status, desc, value, sha[:7], notes, last.final if last else None,
+                                  last.seconds if last else 0.0, run=len(trial.rows) - 1, row=self.rows[-1])
         self.events.emit("on_experiment_end", result)
+        if noise:
+            self._measure_noise(self.keep_rule.noise_runs_needed(self.rows))
+
+    # -------------------------------------------------------------------------
+    # Noise floor
+    # -------------------------------------------------------------------------
+
+    def _startup_noise(self) -> None:
+        """--remeasure-noise, or a measurement that is due (cut short by a restart, or missing on an older tag)."""
+        s = summarize(self.rows)
+        if self.cfg.remeasure_noise and s.best_exp is not None:
+            self._measure_noise(max(self.cfg.noise_runs, 2), fresh=True)
+            return
+        if self.cfg.remeasure_noise:
+            self._log("--remeasure-noise: nothing to re-measure yet (no kept experiment); the baseline measures the "
+                      "noise floor")
+        todo = self.keep_rule.noise_runs_needed(self.rows)
+        if todo:
+            self._measure_noise(todo)
+
+    def _measure_noise(self, count: int, fresh: bool = False) -> None:
+        """Run the reference commit (the best kept experiment, which must be HEAD) `count` more times with new seeds,
+        appending one "noise" row per run. A crash, skip or abort ends the measurement early (what ran is kept)."""
+        if count <= 0:
+            return
+        s = summarize(self.rows)
+        exp = next((e for e in group_experiments(self.rows) if e.exp == s.best_exp), None)
+        if exp is None or exp.exp is None:
+            return
+        ref = exp.rows[0]
+        head = self.git.head()
+        if not head.startswith(ref.get("commit", "-")) and ref.get("commit", "-") != "-":
+            self._log(f"noise floor: HEAD {head[:7]} is not the best commit {ref.get('commit')} (exp{exp.exp}); "
+                      f"not measuring", "warning")
+            return
+        n, desc = exp.exp, ref.get("description", "")
+        used = [int(r["run"]) for r in exp.rows if str(r.get("run", "")).isdigit()]
+        first = max(used) + 1 if used else len(exp.rows)
+        done = 0  # runs of this measurement so far (for "run j/N")
+        block = latest_measurement(self.rows)
+        if block and not fresh and exp_number(self.rows[block[0]].get("exp")) == n:
+            done = sum(1 for r in self.rows[block[0]:block[1]] if r.get("status") == "keep")
+        total = count if fresh else done + count
+        base = self.cfg.seed if self.cfg.seed is not None else DEFAULT_SEED
+        what = "re-measuring the noise floor" if fresh else "noise floor"
+        if fresh:
+            self._log(f"{what} on exp{n} ({ref.get('commit')}): {count} runs with seeds {base + first}.."
+                      f"{base + first + count - 1}")
+        for i in range(count):
+            if self._stop.is_set():
+                self._log(f"noise floor: stopped after {done + i}/{total} runs; the next start completes it")
+                return
+            run, seed = first + i, base + first + i
+            info = ExperimentInfo(n, desc, f"{what} run {done + i + 1}/{total}", ref.get("commit", ""),
+                                  baseline=(n == 0), run=run, seed=seed,
+                                  log_path=str(self.cfg.runs_dir / f"exp{n}-run{run}.log"))
+            self.events.emit("on_experiment_start", info)
+            self._set_state(State.BASELINE if n == 0 else State.TRAINING,
+                            f"exp{n}: {what} run {done + i + 1}/{total} (seed {seed})")
+            outcome = self._train(n, run=run, seed=seed)
+            status, notes = self._judge(outcome)
+            if status is not None:
+                self._log(f"noise floor run {done + i + 1}/{total} of exp{n} did not finish ({notes}); the "
+                          f"measurement keeps the {done + i} runs it has", "warning")
+                if status == "crash":
+                    self._last_crash = (n, self._crash_text(n, desc, notes, outcome.tail[-CRASH_TAIL_LINES:]))
+                break
+            notes = f"noise floor run {done + i + 1}/{total} (seed {seed})"
+            row = self._row(n, "keep", desc, ref.get("commit", ""), outcome, notes, Usage(), run=run, seed=seed,
+                            kind="noise")
+            if i == count - 1:
+                row["notes"] = f"{notes}; {self.keep_rule.noise_summary(self.rows + [row])}"
+            self.results.append(row)
+            self.rows.append(row)
+            self.events.emit("on_experiment_end", ExperimentResult(
+                n, "keep", desc, outcome.final.val_bpb, ref.get("commit", ""), row["notes"], outcome.final,
+                outcome.seconds, run=run, row=row))
+            self._refresh_stats()
+        summary = self.keep_rule.noise_summary(self.rows)
+        if summary:
+            self._log(summary)
+
+    def _announce(self) -> None:
+        """Say in the log when the keep rule's status note appears (e.g. a plateau was reached)."""
+        note = self.keep_rule.status_note(self.rows)
+        if note and not self._last_note:
+            self._log(note, "warning")
+        self._last_note = note
+
+    # -------------------------------------------------------------------------
+    # The pending file (a confirmation in progress)
+    # -------------------------------------------------------------------------
+
+    @property
+    def _pending_path(self) -> Path:
+        return self.cfg.runs_dir / f"pending-{self.cfg.tag}.json"
+
+    def _save_pending(self, trial: Trial) -> None:
+        try:
+            write_json_atomic(self._pending_path, {"tag": self.cfg.tag, **dataclasses.asdict(trial)})
+        except OSError as e:
+            self._log(f"could not save the confirmation state ({e}); a restart would redo exp{trial.exp}", "warning")
+
+    def _load_pending(self, n: int, sha: str) -> Trial | None:
+        """The saved confirmation of experiment n at commit sha, or None (a file that does not match is removed)."""
+        try:
+            data = json.loads(self._pending_path.read_text(encoding="utf-8"))
+            tag = data.pop("tag", None)
+            trial = Trial(**data)
+        except (OSError, ValueError, TypeError):
+            return None
+        if tag != self.cfg.tag or trial.exp != n or trial.commit != sha or not trial.values:
+            self._drop_pending()
+            return None
+        return trial
+
+    def _drop_pending(self) -> None:
+        try:
+            self._pending_path.unlink()
+        except OSError:
+            pass
 
     def _judge(self, outcome):
         """(status, notes) for a run that did not produce a usable result; (None, "") when it did."""
@@ -728,7 +927,7 @@ class Orchestrator:
             raise FatalError(f"could not revert exp{n} ({sha[:7]}): {e}; the next start will retry") from None
         self._pending = None
 
-    def _row(self, n, status, description, commit, outcome, notes, usage, run=0, seed=None) -> dict:
+    def _row(self, n, status, description, commit, outcome, notes, usage, run=0, seed=None, kind="") -> dict:
         f = outcome.final if outcome else None
         scored = status in ("keep", "discard") and f is not None and f.ok
         tok_sec = ""
@@ -761,6 +960,7 @@ class Orchestrator:
             "llm_cost": cost,
             "seed": "" if seed is None else seed,
             "run": run,
+            "kind": kind,
         }
         return {k: self.redact(str(v)) for k, v in row.items()}
 

@@ -13,6 +13,8 @@ import ast
 import re
 from dataclasses import dataclass, field
 
+from tui.results import group_experiments
+
 # ---------------------------------------------------------------------------
 # Markers and formats
 # ---------------------------------------------------------------------------
@@ -290,8 +292,8 @@ def system_prompt(scope: str, script_name: str, time_budget: float) -> str:
         fmt = FORMAT_FILE
     return f"""You are an autonomous ML researcher improving a small GPT pretraining script.
 Each experiment trains for a fixed budget of {time_budget:.0f} seconds and is then evaluated on held-out data.
-The metric is val_bpb (validation bits per byte): lower is better. An experiment that beats the best so far is kept
-(the script stays changed); otherwise it is reverted.
+The metric is val_bpb (validation bits per byte): lower is better. An experiment that reliably beats the best so far
+is kept (the script stays changed); otherwise it is reverted.
 
 {what}
 
@@ -307,20 +309,27 @@ Answer in exactly this format, nothing else:
 
 
 def format_history(rows: list, limit: int) -> str:
+    """One line per experiment; val_bpb is the mean over the experiment's runs (confirmation and noise runs)."""
     if not rows:
         return "No experiments yet: the baseline has not run."
-    shown = rows[-limit:] if limit > 0 else []
-    out = [f"{'exp':<6} {'status':<8} {'val_bpb':>9} {'mem_gb':>7} {'steps':>6}  description / notes"]
-    if len(rows) > len(shown):
-        out.append(f"({len(rows) - len(shown)} earlier experiments not shown)")
-    for r in shown:
-        status = r.get("status", "")
-        val = r.get("val_bpb", "") if status not in ("crash", "skip") else "-"
+    groups = group_experiments(rows)
+    shown = groups[-limit:] if limit > 0 else []
+    out = [f"{'exp':<6} {'status':<8} {'val_bpb':>9} {'runs':>4} {'mem_gb':>7} {'steps':>6}  description / notes"]
+    if len(groups) > len(shown):
+        out.append(f"({len(groups) - len(shown)} earlier experiments not shown)")
+    for e in shown:
+        r, status = e.rows[0], e.status
+        mean = e.mean
+        if status in ("crash", "skip"):
+            val = "-"
+        else:
+            val = f"{mean:.6f}" if mean is not None else str(r.get("val_bpb", ""))
+        runs = "-" if status == "skip" else str(len(e.rows))
         desc = " ".join(str(r.get("description", "")).split())[:80]
-        note = " ".join(str(r.get("notes", "")).split())[:100]
+        note = " ".join(str(e.rows[-1].get("notes", "")).split())[:100]
         if note and status in ("crash", "skip", "discard"):
             desc = f"{desc} [{note}]"
-        out.append(f"{'exp' + str(r.get('exp', '')).removeprefix('exp'):<6} {status:<8} {val:>9} "
+        out.append(f"{'exp' + str(r.get('exp', '')).removeprefix('exp'):<6} {status:<8} {val:>9} {runs:>4} "
                    f"{r.get('memory_gb', ''):>7} {r.get('steps', ''):>6}  {desc}")
     return "\n".join(out)
 

@@ -1,10 +1,22 @@
-"""results.tsv: one row per experiment run, tab-separated, git-ignored (like upstream).
+"""results.tsv: one row per training run, tab-separated, git-ignored (like upstream).
 
 Upstream's five columns come first (commit val_bpb memory_gb status description), then ours. Reading is driven by
-the header, so files with extra or missing trailing columns (older versions, later issues adding seed/run columns)
-still load. Every field is escaped (backslash, tab, newline, CR), so no description or note can break a row. Rows are
-appended with flush + fsync; a truncated last line (power loss mid-write) is cut off on load; the header is written
-atomically.
+the header, so files with extra or missing trailing columns (older versions, upstream's 5-column files) still load,
+and ensure() extends an older header with the columns it lacks. Every field is escaped (backslash, tab, newline, CR),
+so no description or note can break a row. Rows are appended with flush + fsync; a truncated last line (power loss
+mid-write) is cut off on load; the header is written atomically.
+
+One experiment (exp column) may have several rows, one per training run of the same commit:
+    run    0 for an experiment's first run, 1, 2, ... for further runs of the same commit.
+    seed   AUTORESEARCH_SEED of the run; empty = the trainer's default (42).
+    kind   why the run happened: empty for an experiment's first run; "confirm" for a confirmation run (the keep
+           rule wanted more evidence); "noise" for a noise-floor run (the baseline's runs at the start of a tag, and
+           --remeasure-noise runs of the best commit).
+All rows of an experiment carry the experiment's final status and notes, except noise-floor rows: those are always
+"keep" (the commit is the reference) and their notes say which measurement run they were; the last one carries the
+measured noise floor. So a commit with more than one keep row was confirmed (or is the measured reference), a keep
+with a single row was kept on one run (keep rule "single"). Summaries count experiments, not rows, and the best
+val_bpb is the mean over the best experiment's runs.
 """
 
 import math
@@ -22,7 +34,9 @@ COLUMNS = [
     "commit", "val_bpb", "memory_gb", "status", "description",  # upstream
     "exp", "tok_sec", "mfu", "steps", "backend", "chip", "dataset", "seconds", "notes",  # ours (issue 5)
     "tag", "llm_tokens", "llm_cost",  # which agent run the row belongs to; LLM usage of the experiment
+    "seed", "run", "kind",  # repeated runs of one commit (issue 8, see above)
 ]
+KINDS = ("", "confirm", "noise")
 STATUSES = ("keep", "discard", "crash", "skip")
 NO_COMMIT = "-"
 
@@ -138,15 +152,43 @@ class ResultsFile:
 
 
 @dataclass
+class Experiment:
+    """The rows of one experiment (one exp number), in file order."""
+    exp: int | None
+    rows: list
+
+    @property
+    def status(self) -> str:
+        return self.rows[0].get("status", "")
+
+    @property
+    def values(self) -> list:
+        """val_bpb of every scored run (keep/discard rows with a positive value)."""
+        out = []
+        for r in self.rows:
+            v = as_float(r.get("val_bpb"))
+            if r.get("status") in ("keep", "discard") and v is not None and v > 0:
+                out.append(v)
+        return out
+
+    @property
+    def mean(self) -> float | None:
+        vals = self.values
+        return sum(vals) / len(vals) if vals else None
+
+
+@dataclass
 class Summary:
-    runs: int = 0
+    runs: int = 0  # experiments with a result (skips excluded), not training runs
     kept: int = 0
     discarded: int = 0
     crashed: int = 0
     skipped: int = 0
-    best_val_bpb: float | None = None
+    best_val_bpb: float | None = None  # mean over the runs of the best kept experiment
     best_exp: int | None = None
+    best_runs: int = 0  # how many runs that mean is over
     next_exp: int = 0
+    trained: int = 0  # training runs (rows that are not skips): confirmation and noise runs included
 
 
 def rows_for_tag(rows: list[dict], tag: str) -> list[dict]:
@@ -154,21 +196,34 @@ def rows_for_tag(rows: list[dict], tag: str) -> list[dict]:
     return [r for r in rows if not r.get("tag") or r.get("tag") == tag]
 
 
+def group_experiments(rows: list[dict]) -> list[Experiment]:
+    """Rows grouped by experiment, in order of first appearance. A row without an exp number is its own experiment."""
+    groups: dict = {}
+    for i, r in enumerate(rows):
+        n = exp_number(r.get("exp"))
+        key = n if n is not None else ("row", i)
+        if key not in groups:
+            groups[key] = Experiment(n, [])
+        groups[key].rows.append(r)
+    return list(groups.values())
+
+
 def summarize(rows: list[dict]) -> Summary:
     s = Summary()
     numbers = [n for n in (exp_number(r.get("exp")) for r in rows) if n is not None]
     s.next_exp = max(numbers) + 1 if numbers else 0
-    for r in rows:
-        status = r.get("status", "")
+    for e in group_experiments(rows):
+        status = e.status
         if status == "skip":
             s.skipped += 1
             continue
         s.runs += 1
+        s.trained += len(e.rows)
         if status == "keep":
             s.kept += 1
-            val = as_float(r.get("val_bpb"))
-            if val is not None and val > 0 and (s.best_val_bpb is None or val < s.best_val_bpb):
-                s.best_val_bpb, s.best_exp = val, exp_number(r.get("exp"))
+            mean = e.mean
+            if mean is not None and (s.best_val_bpb is None or mean < s.best_val_bpb):
+                s.best_val_bpb, s.best_exp, s.best_runs = mean, e.exp, len(e.values)
         elif status == "discard":
             s.discarded += 1
         elif status == "crash":

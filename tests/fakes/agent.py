@@ -9,9 +9,11 @@ HARDWARE = {"chip_name": "Fake CPU", "kind": "cpu", "memory_gb": 16.0, "gpu_core
 TEST_KEY = "sk-ant-api03-TESTSECRET-0123456789abcdef"
 
 
-def hp_block(lr=0.01, depth=4, mode="ok", steps=5, step_sleep=0.0) -> str:
+def hp_block(lr=0.01, depth=4, mode="ok", steps=5, step_sleep=0.0, extra="") -> str:
+    """The stand-in trainer's block; `extra` lines are appended (e.g. a no-op "NULL_EDIT = 3" for null changes)."""
     return (f"LEARNING_RATE = {lr}\nDEPTH = {depth}\nMODE = \"{mode}\"  # ok | crash | hang | slow | stubborn | nan | "
-            f"nanbpb | tamper | unicode | noisy\nSTEPS = {steps}\nSTEP_SLEEP = {step_sleep}\n")
+            f"nanbpb | tamper | unicode | noisy\nSTEPS = {steps}\nSTEP_SLEEP = {step_sleep}\n"
+            + (extra.rstrip("\n") + "\n" if extra else ""))
 
 
 def hp_answer(description="raise the learning rate", reasoning="Higher LR trains faster in a short budget.",
@@ -30,7 +32,8 @@ def file_answer(edits, description="edit the script", reasoning="Because.") -> s
 def make_config(repo, server=None, provider="anthropic", **overrides) -> AgentConfig:
     kwargs = dict(repo=repo, tag="t1", max_experiments=3, provider=provider, script="train.py", timeout=20.0,
                   time_budget=1.0, hardware=dict(HARDWARE), backoff_base=0.01, backoff_cap=0.05, outage_pause=0.0,
-                  kill_grace=1.0, llm_timeout=10.0, llm_attempts=3, dataset="testdata")
+                  kill_grace=1.0, llm_timeout=10.0, llm_attempts=3, dataset="testdata",
+                  keep_rule="single", noise_runs=1)  # the loop-mechanics tests use the seed's one-run rule
     if server is not None:
         kwargs["base_url"] = server.base_url
         kwargs["model"] = {"anthropic": "claude-sonnet-4-6", "openai": "gpt-4.1",

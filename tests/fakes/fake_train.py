@@ -3,6 +3,11 @@
 val_bpb is a function of the hyperparameter block (best near LEARNING_RATE = 0.02, DEPTH = 6), so a good edit really
 improves and a bad one really worsens. MODE makes it crash, hang, diverge, tamper with prepare.py, and so on. Every
 run dumps its environment to runs/env-<pid>.json so tests can check that no secret reached it.
+
+MODE "noisy" adds Gaussian noise (standard deviation FAKE_TRAIN_NOISE, default 0.01) drawn from the seed and the
+script's text: a re-run with another seed, or any edit (even a no-op line), draws new noise, as a real trainer would.
+With SEED_GATES = True in the block, a file runs/slow-seed-<seed> makes the run with that seed slow (for kill
+tests) and runs/crash-seed-<seed> makes it crash.
 """
 
 import json
@@ -12,6 +17,7 @@ import random
 import subprocess
 import sys
 import time
+import zlib
 
 # ---------------------------------------------------------------------------
 # Hyperparameters (edit these directly, no CLI flags needed)
@@ -42,6 +48,10 @@ if MODE == "hang":
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
     with open(os.path.join("runs", "grandchild.pid"), "w") as f:
         f.write(str(child.pid))
+if globals().get("SEED_GATES") and os.path.exists(os.path.join("runs", f"slow-seed-{seed}")):
+    STEP_SLEEP, STEPS = 0.5, 400
+if globals().get("SEED_GATES") and os.path.exists(os.path.join("runs", f"crash-seed-{seed}")):
+    MODE = "crash"
 if MODE in ("slow", "stubborn"):
     STEP_SLEEP = 0.5
     STEPS = 400
@@ -77,7 +87,9 @@ print()
 
 val_bpb = 1.0 + 100.0 * (LEARNING_RATE - 0.02) ** 2 + 0.01 * abs(DEPTH - 6)
 if MODE == "noisy":
-    val_bpb += random.Random(seed).gauss(0.0, 0.01)
+    with open(__file__, "rb") as f:
+        text_id = zlib.crc32(f.read())
+    val_bpb += random.Random(f"{seed}:{text_id}").gauss(0.0, float(os.environ.get("FAKE_TRAIN_NOISE", "0.01")))
 if MODE == "nanbpb":
     val_bpb = float("nan")
 training_seconds = time.time() - t0
