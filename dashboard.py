@@ -30,8 +30,10 @@ screen (single run, --watch, --agent):
   The screen needs a terminal; use --agent --headless for logs, cron and pipes.
 
 agent loop:
-  On a new tag the unmodified script runs first (exp0, the baseline); then each experiment asks the LLM for one
-  change, commits it as "expN: ...", trains, keeps it if val_bpb beats the best and reverts it otherwise. Results go
+  On a new tag the unmodified script runs first (exp0, the baseline, 3 times with different seeds: the noise floor);
+  then each experiment asks the LLM for one change, commits it as "expN: ...", trains, and keeps it only if its mean
+  val_bpb over confirmation runs beats the best by more than 2 sigma of that noise (--keep-rule); otherwise it
+  reverts the training script. Results go
   to results.tsv (git-ignored), full training logs to runs/expN.log. Starting again with the same tag resumes.
   The agent refuses to start when tracked files other than the training script have uncommitted changes, or when
   another agent runs in the same repository.
@@ -226,7 +228,8 @@ def agent_config(args):
     return AgentConfig(**kwargs)
 
 
-AGENT_ONLY = ("max", "model", "base_url", "timeout", "script", "seed")  # options with no meaning outside --agent
+AGENT_ONLY = ("max", "model", "base_url", "timeout", "script", "seed", "keep_rule", "noise_runs", "confirm_runs",
+              "remeasure_noise", "plateau")  # options with no meaning outside --agent
 
 
 def _single_script(args) -> str:
@@ -292,7 +295,7 @@ def main(argv=None) -> int:
         from tui.headless import run_headless
         return run_headless(agent_config(args))
     if not args.agent:
-        given = [f"--{name.replace('_', '-')}" for name in AGENT_ONLY if getattr(args, name) is not None]
+        given = [f"--{name.replace('_', '-')}" for name in AGENT_ONLY if getattr(args, name) != parser.get_default(name)]
         if args.tag and not args.watch:
             given.insert(0, "--tag")
         if given:

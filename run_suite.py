@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 import convert_dataset
+from dashboard import _positive_int
 from prepare import PrepareError
 from tui.git_repo import GitError, GitRepo, validate_tag
 from tui.lock import AgentLock, LockHeld, read_info
@@ -406,16 +407,6 @@ def run_suite(args, agent_options, results_dir, repo):
 # ---------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------
-
-
-def _positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
 
 
 def _dataset_list(text):

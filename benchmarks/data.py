@@ -50,8 +50,8 @@ def main():
     else:
         sys.path.insert(0, os.path.join(ROOT, "tests"))
         import datagen
-        datagen.write_climbmix_layout(data, n_train_shards=4, docs_per_shard=3000, n_val_docs=300)
-        source = "generated word-soup corpus (4 train shards x 3000 docs)"
+        datagen.write_climbmix_layout(data, n_train_shards=4, docs_per_shard=3000, n_val_docs=700)
+        source = "generated word-soup corpus (4 train shards x 3000 docs, 700 validation docs)"
     rows = [("corpus", source)]
 
     t0 = time.time()

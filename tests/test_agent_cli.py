@@ -118,7 +118,7 @@ def test_bad_arguments_are_usage_errors(args, message):
 
 
 @pytest.mark.parametrize("args", [[], ["--watch"], ["--agent"], ["train.py"]])
-def test_screen_modes_say_they_are_not_built_yet(args):
+def test_screen_modes_without_a_terminal_point_to_headless(args):
     r = cli(*args)
     assert r.returncode == 2 and "--agent --headless" in r.stderr and "Traceback" not in r.stderr
 
@@ -234,6 +234,8 @@ def test_second_agent_in_the_same_repo_is_refused(repo, server):
         wait_for(lambda: training_step_seen(repo, 1))
         r = cli(*agent_args(server, "--max", "5", "--tag", "t2"), cwd=repo, env=clean_env(ANTHROPIC_API_KEY=TEST_KEY))
         assert r.returncode == 1 and f"another agent is already running in this repository (pid {p.pid}" in r.stderr
+        status = json.loads((repo / ".runner_status.json").read_text())
+        assert status["pid"] == p.pid and status["alive"], "the refused agent must not overwrite the status file"
     finally:
         p.send_signal(signal.SIGINT)
         p.communicate(timeout=20)

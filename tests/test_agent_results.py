@@ -46,9 +46,11 @@ def test_truncated_last_line_is_repaired_on_load(tmp_path):
     rf.append({"commit": "a", "status": "keep", "exp": "exp0", "val_bpb": "1.0"})
     with open(p, "ab") as f:
         f.write(b"b\t0.9\t1.0\tke")  # power loss in the middle of a row
+    size = p.stat().st_size
+    assert len(ResultsFile(p).load()) == 1 and p.stat().st_size == size   # a reader ignores it, never truncates
     rf2 = ResultsFile(p)
-    rows = rf2.load()
-    assert len(rows) == 1 and rf2.repaired
+    rows = rf2.load(repair=True)                                          # the owning agent cuts it off
+    assert len(rows) == 1 and rf2.repaired and p.stat().st_size < size
     rf2.append({"commit": "c", "status": "discard", "exp": "exp1", "val_bpb": "1.1"})
     rows = ResultsFile(p).load()
     assert [r["commit"] for r in rows] == ["a", "c"] and rows[1]["status"] == "discard"

@@ -93,8 +93,8 @@ class ConsoleListener(AgentListener):
 class StatusListener(AgentListener):
     """Mirrors the loop into the status file (.runner_status.json) for monitoring scripts."""
 
-    def __init__(self, path, **static):
-        self.file = StatusFile(path, **static)
+    def __init__(self, path, owns=lambda: True, **static):
+        self.file = StatusFile(path, owns, **static)
         self.file.update(state=State.INITIALIZING.value)
 
     def on_state(self, state, message):
@@ -123,7 +123,7 @@ def run_headless(config: AgentConfig, out=None, err=None) -> int:
         console.say(f"error: {e}", error=True)
         return 2
     cfg = orch.cfg
-    status = StatusListener(cfg.status_file, tag=cfg.tag, branch=cfg.branch, provider=cfg.provider,
+    status = StatusListener(cfg.status_file, lambda: orch.holds_lock, tag=cfg.tag, branch=cfg.branch, provider=cfg.provider,
                             model=cfg.model, scope=cfg.scope, dataset=cfg.dataset, results=str(cfg.results))
     orch.events.add(status)
     console.say(f"autoresearch agent (headless): tag {cfg.tag}, branch {cfg.branch}, max {cfg.max_experiments}, "

@@ -181,6 +181,11 @@ class Orchestrator:
         return self._stop.is_set()
 
     @property
+    def holds_lock(self) -> bool:
+        """True while this agent owns the repository (its PID lock is taken)."""
+        return self._lock is not None
+
+    @property
     def training_pid(self) -> int | None:
         run = self._run
         return run.pid if run else None
@@ -485,8 +490,9 @@ class Orchestrator:
         self._last_crash = (n, self._crash_text(n, r.get("description", ""), r.get("notes", ""), tail))
 
     def _detect_hardware(self) -> None:
-        """Hardware facts for the prompt. Detection can take seconds (it may import torch), so it runs in the
-        background while the baseline trains; _hardware_ready() waits for it before the first prompt."""
+        """Hardware facts for the prompt. Detection takes seconds (it imports torch, and on a CPU the first call
+        measures the GEMM peak). It runs before any training on purpose: measured next to a training run, the cached
+        peak would be too low for every later MFU, and the training run would be slowed too."""
         if self.cfg.hardware is not None:
             self.hardware = dict(self.cfg.hardware)
             return
@@ -500,14 +506,7 @@ class Orchestrator:
             except Exception:
                 self.hardware = {}
 
-        self._hw_thread = threading.Thread(target=detect, name="hardware-detect", daemon=True)
-        self._hw_thread.start()
-
-    def _hardware_ready(self) -> None:
-        t = getattr(self, "_hw_thread", None)
-        if t is not None:
-            t.join(timeout=60)
-            self._hw_thread = None
+        detect()
 
     # -------------------------------------------------------------------------
     # Waiting and the LLM
@@ -587,7 +586,6 @@ class Orchestrator:
     # -------------------------------------------------------------------------
 
     def _prompt_context(self, n: int, source: str) -> PromptContext:
-        self._hardware_ready()
         s = summarize(self.rows)
         crash = None
         if self._last_crash:

@@ -85,27 +85,29 @@ class ResultsFile:
             self._write_atomic(self.columns, [])
             self.header = list(self.columns)
             return
-        rows = self.load()
+        rows = self.load(repair=True)
         missing = [c for c in self.columns if c not in self.header]
         if missing:
             self._write_atomic(self.header + missing, rows)
             self.header = self.header + missing
 
-    def load(self) -> list[dict]:
-        """All rows as dicts keyed by the file's header (missing trailing fields -> ""; extra fields dropped)."""
+    def load(self, repair: bool = False) -> list[dict]:
+        """All rows as dicts keyed by the file's header (missing trailing fields -> ""; extra fields dropped).
+        A row is written in one write ending in "\n", so an unterminated last line is either a write in progress
+        (readers ignore it) or, for the agent that owns the file (repair=True, at startup), a torn write to cut off."""
         if not self.path.exists():
             self.header = None
             return []
         data = self.path.read_bytes()
         if data and not data.endswith(b"\n"):
-            # a row is written in one write ending in "\n", so an unterminated last line is a torn write: cut it off
             cut = data.rfind(b"\n") + 1
-            with open(self.path, "r+b") as f:
-                f.truncate(cut)
-                f.flush()
-                os.fsync(f.fileno())
+            if repair:
+                with open(self.path, "r+b") as f:
+                    f.truncate(cut)
+                    f.flush()
+                    os.fsync(f.fileno())
+                self.repaired = True
             data = data[:cut]
-            self.repaired = True
         lines = data.decode("utf-8", errors="replace").split("\n")
         if not lines or not lines[0].strip():
             self.header = None

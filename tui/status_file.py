@@ -26,19 +26,25 @@ def write_json_atomic(path, data: dict) -> None:
 
 
 class StatusFile:
-    """Keeps the latest status dict and rewrites the file when it changes."""
+    """Keeps the latest status dict and rewrites the file when it changes, but only while owns() is true: an agent
+    that is refused (another one holds the repository) must not overwrite the running agent's status."""
 
-    def __init__(self, path, **static):
+    def __init__(self, path, owns=lambda: True, **static):
         self.path = Path(path)
+        self.owns = owns
+        self.written = False
         self.data = {"pid": os.getpid(), "alive": True, "started_at": time.strftime("%Y-%m-%dT%H:%M:%S"), **static}
 
     def update(self, **fields) -> None:
         self.data.update(fields)
         self.data["last_updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-        write_json_atomic(self.path, self.data)
+        if self.written or self.owns():
+            write_json_atomic(self.path, self.data)
+            self.written = True
 
     def close(self, **fields) -> None:
-        self.update(alive=False, **fields)
+        if self.written:
+            self.update(alive=False, **fields)
 
 
 def read_status(path) -> dict:

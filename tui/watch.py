@@ -1,8 +1,8 @@
 """What the dashboard reads from disk, strictly read-only: results.tsv while an agent may be appending to it, the
 newest runs/expN.log as it grows, and an experiment's diff and log tail for the detail view.
 
-ResultsFile.load() repairs a torn last line by truncating the file, which is right for the agent that owns the file
-but wrong for a viewer racing the writer, so the viewer parses a snapshot and just ignores an unterminated line.
+Only the agent that owns results.tsv repairs a torn last line (ResultsFile.load(repair=True)); a viewer racing the
+writer just ignores an unterminated line.
 No textual here: the app polls these from its timers.
 """
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tui.git_repo import REF_NAMESPACE, GitError, GitRepo
 from tui.parser import OutputParser, parse_step
-from tui.results import exp_number, unescape
+from tui.results import ResultsFile, exp_number
 
 LOG_NAME_RE = re.compile(r"^exp(\d+)(?:-run(\d+))?\.log$")
 TAIL_LINES = 40
@@ -35,22 +35,9 @@ def signature(path) -> tuple | None:
 def read_results(path) -> list[dict]:
     """Rows of results.tsv as dicts keyed by its header; an unterminated last line (a write in progress) is ignored."""
     try:
-        data = Path(path).read_bytes()
+        return ResultsFile(Path(path)).load()
     except OSError:
         return []
-    text = data.decode("utf-8", errors="replace")
-    lines = text.split("\n")
-    lines.pop()  # "" after the final newline, or the unterminated line being written
-    if not lines or not lines[0].strip():
-        return []
-    header = [unescape(h).strip() for h in lines[0].split("\t")]
-    rows = []
-    for line in lines[1:]:
-        if not line.strip():
-            continue
-        fields = [unescape(f) for f in line.split("\t")]
-        rows.append({col: (fields[i] if i < len(fields) else "") for i, col in enumerate(header)})
-    return rows
 
 
 # ---------------------------------------------------------------------------
