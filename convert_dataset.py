@@ -36,6 +36,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 import prepare
+from dashboard import _positive_int
 from prepare import PrepareError
 
 # ---------------------------------------------------------------------------
@@ -655,16 +656,6 @@ def _num_shards(value):
     return n
 
 
-def _workers(value):
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return n
-
-
 def build_parser():
     p = argparse.ArgumentParser(
         prog="convert_dataset.py",
@@ -684,7 +675,7 @@ def build_parser():
     p.add_argument("--column", default=None, help="source column holding the text (default: the registry's)")
     p.add_argument("--name", default=None,
                    help="name of the prepared dataset (default: the registry name; 'local' with --text)")
-    p.add_argument("--workers", type=_workers, default=DEFAULT_WORKERS,
+    p.add_argument("--workers", type=_positive_int, default=DEFAULT_WORKERS,
                    help=f"parallel downloads (default {DEFAULT_WORKERS})")
     p.add_argument("--delete-raw", action="store_true",
                    help="delete each downloaded source file once converted (default: keep for the next conversion)")

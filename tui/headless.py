@@ -50,6 +50,9 @@ class ConsoleListener(AgentListener):
 
     def on_experiment_start(self, info):
         self._next_pct = 0.0
+        if info.run > 0:  # another run of the same commit (noise floor or confirmation): no new header
+            self.say(f"    exp{info.exp} run {info.run + 1}" + (f" (seed {info.seed})" if info.seed is not None else ""))
+            return
         self.say(f"=== exp{info.exp}: {info.description}" + (f"  [{info.commit}]" if info.commit else ""))
         if info.reasoning and not info.baseline:
             first = " ".join(info.reasoning.split())
