@@ -3,6 +3,7 @@ results.tsv, real git repositories and the fake LLM servers; the command line; a
 
 import asyncio
 import functools
+import os
 import shutil
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import pytest
 from fakes.agent import HARDWARE, TEST_KEY, hp_answer, make_config
 from fakes.llm_servers import FakeLLMServer
 from fakes.repo import agent_repo, git
+from tui.status_file import write_json_atomic
 from tui.app import DashboardApp
 from tui.results import ResultsFile
 from tui.widgets import BpbChart, DetailScreen
@@ -204,6 +206,12 @@ async def test_watch_mode_picks_up_new_rows_and_the_newest_log(tmp_path):
         text = screen_text(app)
         assert "deeper model: depth 6" in text and "best 1.010000 (exp2)" in text
         assert app.query_one("#bpb-chart").series()[0] == [(0, 1.03), (2, 1.01)]
+
+        # a headless agent's status file: its keep-rule figures (noise floor) reach the status panel
+        write_json_atomic(tmp_path / ".runner_status.json", {"pid": os.getpid(), "alive": True, "tag": "nov23",
+                                                             "state": "training", "message": "exp3",
+                                                             "keep_rule": {"noise σ": "0.001234"}})
+        await until(pilot, lambda: "0.001234" in screen_text(app), timeout=3.0, what="the noise floor")
 
         # a training log appears and grows: the training panel and the loss chart follow it
         runs = tmp_path / "runs"

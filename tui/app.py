@@ -580,6 +580,7 @@ class DashboardApp(App):
         if alive:
             stats.input_tokens = int(st.get("llm_tokens") or 0)
             stats.cost_usd = st.get("llm_cost_usd")
+            stats.extra = dict(st.get("keep_rule") or {})
             self.status.context = f"agent pid {st.get('pid')} · tag {st.get('tag', '?')}"
             state, message = str(st.get("state", "watching")), str(st.get("message", ""))
             if (state, message) != self._last_state:

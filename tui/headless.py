@@ -115,7 +115,8 @@ class StatusListener(AgentListener):
     def on_stats(self, s):
         self.file.update(runs=s.runs, kept=s.kept, discarded=s.discarded, crashed=s.crashed, skipped=s.skipped,
                          best_val_bpb=s.best_val_bpb, best_exp=s.best_exp, next_exp=s.next_exp,
-                         llm_tokens=s.input_tokens + s.output_tokens, llm_cost_usd=s.cost_usd)
+                         llm_tokens=s.input_tokens + s.output_tokens, llm_cost_usd=s.cost_usd,
+                         keep_rule=dict(s.extra))   # noise floor, margin, plateau: shown by --watch too
 
 
 def run_headless(config: AgentConfig, out=None, err=None) -> int:
