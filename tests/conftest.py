@@ -1,7 +1,10 @@
-"""Keep every test away from the user's real cache (~/.cache/autoresearch): data, tokenizers, profile and the measured
-CPU peak all go to a temporary directory for the session. Tests that need their own cache set it themselves."""
+"""Shared fixtures. Every test stays away from the user's real cache (~/.cache/autoresearch): data, tokenizers, profile
+and the measured CPU peak go to a temporary directory for the session (tests that need their own cache set it)."""
 
 import pytest
+
+from fakes.agent import TEST_KEY
+from fakes.llm_servers import FakeLLMServer
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -10,3 +13,12 @@ def _isolated_cache(tmp_path_factory):
     mp.setenv("AUTORESEARCH_CACHE_DIR", str(tmp_path_factory.mktemp("autoresearch-cache")))
     yield
     mp.undo()
+
+
+@pytest.fixture
+def server(monkeypatch):
+    """A fake Anthropic Messages API on 127.0.0.1 with scripted replies, and a test key in the environment."""
+    monkeypatch.setenv("ANTHROPIC_API_KEY", TEST_KEY)
+    s = FakeLLMServer("anthropic").start()
+    yield s
+    s.stop()

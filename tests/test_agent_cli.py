@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from fakes.agent import TEST_KEY, hp_answer
+from fakes.agent import TEST_KEY, hp_answer, wait_for
 from fakes.llm_servers import FakeLLMServer
 from fakes.repo import agent_repo, git, user_files_state
 from tui.credentials import is_child_hidden
@@ -45,14 +45,6 @@ def start_agent(repo, server, *extra):
                             env=clean_env(ANTHROPIC_API_KEY=TEST_KEY), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 
-
-def wait_for(predicate, timeout=30.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    raise AssertionError("timed out waiting")
 
 
 def training_step_seen(repo, exp):

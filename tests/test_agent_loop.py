@@ -26,13 +26,6 @@ def repo(tmp_path):
     return agent_repo(tmp_path / "repo")
 
 
-@pytest.fixture
-def server(monkeypatch):
-    monkeypatch.setenv("ANTHROPIC_API_KEY", TEST_KEY)
-    s = FakeLLMServer("anthropic").start()
-    yield s
-    s.stop()
-
 
 def run_agent(repo, server, rec=None, **overrides):
     rec = rec or Recorder()

@@ -14,8 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from fakes.agent import HARDWARE, TEST_KEY, hp_answer, make_config
-from fakes.llm_servers import FakeLLMServer
+from fakes.agent import HARDWARE, hp_answer, make_config
 from fakes.repo import agent_repo, git
 from tui.status_file import write_json_atomic
 from tui.app import DashboardApp
@@ -230,13 +229,6 @@ async def test_watch_mode_picks_up_new_rows_and_the_newest_log(tmp_path):
 # Agent
 # ---------------------------------------------------------------------------
 
-
-@pytest.fixture
-def server(monkeypatch):
-    monkeypatch.setenv("ANTHROPIC_API_KEY", TEST_KEY)
-    s = FakeLLMServer("anthropic").start()
-    yield s
-    s.stop()
 
 
 def training_exp(app, n):

@@ -6,14 +6,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
 import pytest
 
-from fakes.agent import TEST_KEY, Recorder, hp_answer, make_config
-from fakes.llm_servers import FakeLLMServer
+from fakes.agent import TEST_KEY, Recorder, hp_answer, make_config, wait_for
 from fakes.repo import FAKE_TRAIN, agent_repo, git
 from tui.config import AgentConfig, ConfigError
 from tui.decision import noise_floor
@@ -31,13 +29,6 @@ def repo(tmp_path, monkeypatch):
     monkeypatch.setenv("FAKE_TRAIN_NOISE", str(NOISE))
     return agent_repo(tmp_path / "repo", NOISY)
 
-
-@pytest.fixture
-def server(monkeypatch):
-    monkeypatch.setenv("ANTHROPIC_API_KEY", TEST_KEY)
-    s = FakeLLMServer("anthropic").start()
-    yield s
-    s.stop()
 
 
 def confirm_config(repo, server, **overrides):
@@ -238,15 +229,6 @@ def agent_cmd(server, *extra):
             "--keep-rule", "confirm", "--noise-runs", "3", "--confirm-runs", "2", *extra]
 
 
-def wait_for(predicate, timeout=60.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError("timed out waiting")
-
-
 def stepping(log: Path) -> bool:
     return log.exists() and "step 00001" in log.read_text(errors="replace")
 
@@ -255,7 +237,7 @@ def kill_9_during(repo, server, log_name, *extra):
     p = subprocess.Popen(agent_cmd(server, *extra), cwd=repo, env=clean_env(), stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True)
     try:
-        wait_for(lambda: stepping(repo / "runs" / log_name))
+        wait_for(lambda: stepping(repo / "runs" / log_name), timeout=60)
         p.send_signal(signal.SIGKILL)
         p.wait(timeout=10)
     finally:

@@ -6,14 +6,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
 import pytest
 
 import datagen
-from fakes.agent import TEST_KEY, hp_answer
+from fakes.agent import TEST_KEY, hp_answer, wait_for
 from fakes.llm_servers import FakeLLMServer
 from fakes.repo import agent_repo, git
 from test_datasets import Hub, parquet_bytes
@@ -32,14 +31,6 @@ def suite_env(cache, endpoint):
                HF_ENDPOINT=endpoint)
     return env
 
-
-def wait_for(predicate, timeout=60.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    raise AssertionError("timed out waiting")
 
 
 def statuses(repo, ds):
@@ -97,7 +88,7 @@ def test_suite_prepares_runs_is_interrupted_and_resumes(world):
                          stderr=subprocess.STDOUT, text=True)
     log = repo / "results" / "cosmopedia-v2" / "runs" / "exp1.log"
     try:
-        wait_for(lambda: log.exists() and "step 00001" in log.read_text(errors="replace"))
+        wait_for(lambda: log.exists() and "step 00001" in log.read_text(errors="replace"), timeout=60)
         trainer = int((repo / "runs" / "trainer.pid").read_text())
         p.send_signal(signal.SIGINT)
         out, _ = p.communicate(timeout=30)

@@ -1,13 +1,12 @@
 """train.py and train_mlx.py: one model in two frameworks, one output contract, real end-to-end runs on tiny data."""
 
 import math
-import os
 import re
 
 import numpy as np
 import pytest
 
-from trainer_fixtures import (ROOT, TINY_SEQ_LEN, edit_hparams, parse_summary, run_script, scrubbed_env,
+from trainer_fixtures import (ROOT, TINY_SEQ_LEN, parse_summary, run_script, scrubbed_env,
                               tiny_dataset, tiny_scripts)  # noqa: F401  (tiny_dataset is a fixture)
 
 STEP_RE = re.compile(r"step (\d{5}) \(([\d.]+)%\) \| loss: ([\d.]+) \| lrm: ([\d.]+) \| dt: (\d+)ms \| "
@@ -141,7 +140,7 @@ def test_torch_trainer_end_to_end(tiny_dataset, tmp_path):
 def test_mlx_trainer_end_to_end(tiny_dataset, tmp_path, accum):
     tiny_scripts(tmp_path, TOTAL_BATCH_SIZE=accum * 8 * TINY_SEQ_LEN)
     r = run_script(tmp_path / "train_mlx.py", tiny_dataset)
-    summary = check_run(r, "mlx", tiny_dataset)
+    check_run(r, "mlx", tiny_dataset)
     assert f"Gradient accumulation steps: {accum}" in r.stdout
 
 

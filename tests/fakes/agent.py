@@ -1,5 +1,6 @@
 """Helpers for driving the orchestrator in tests: scripted answers, an event recorder, a fast config."""
 
+import time
 import threading
 
 from tui.config import AgentConfig
@@ -91,3 +92,13 @@ class Recorder(AgentListener):
 
     def text(self) -> str:
         return "\n".join(" ".join(str(x) for x in e[1:]) for e in self.events)
+
+
+def wait_for(predicate, timeout=30.0):
+    """Poll predicate every 50 ms until it is true; fail the test after timeout seconds."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    raise AssertionError("timed out waiting")
