@@ -9,7 +9,9 @@ import traceback
 from dataclasses import dataclass, field
 from enum import Enum
 
+from tui.llm import Usage
 from tui.parser import FinalMetrics, StepMetrics
+from tui.results import Row, Summary
 
 
 class State(str, Enum):
@@ -49,25 +51,7 @@ class ExperimentResult:
     final: FinalMetrics | None = None
     seconds: float = 0.0
     run: int = 0
-    row: dict = field(default_factory=dict)  # exactly what went into results.tsv
-
-
-@dataclass
-class Stats:
-    runs: int = 0  # experiments with a result (skips excluded), resumed ones included
-    kept: int = 0
-    discarded: int = 0
-    crashed: int = 0
-    skipped: int = 0
-    best_val_bpb: float | None = None
-    best_exp: int | None = None
-    experiment: int | None = None  # the experiment in progress
-    next_exp: int = 0
-    llm_calls: int = 0  # this session
-    input_tokens: int = 0
-    output_tokens: int = 0
-    cost_usd: float | None = 0.0  # None: some model's price is unknown
-    extra: dict = field(default_factory=dict)  # keep-rule figures (noise floor, margin) for the status panel
+    row: Row = field(default_factory=Row)  # the last row that went into results.tsv
 
 
 class AgentListener:
@@ -85,7 +69,9 @@ class AgentListener:
 
     def on_experiment_end(self, result: ExperimentResult) -> None: ...
 
-    def on_stats(self, stats: Stats) -> None: ...
+    def on_stats(self, summary: Summary, usage: Usage, extra: dict) -> None: ...
+    # the tag's totals (results.Summary), this session's LLM usage, the keep rule's figures (noise floor,
+    # margin, plateau) for the status panel
 
     def on_log(self, level: str, message: str) -> None: ...  # level: info | warning | error
 

@@ -22,9 +22,10 @@ val_bpb is the mean over the best experiment's runs.
 import math
 import os
 import re
-import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+
+from tui.atomic import write_atomic
 
 # ---------------------------------------------------------------------------
 # Columns and statuses
@@ -38,6 +39,7 @@ COLUMNS = [
 ]
 KINDS = ("", "confirm", "noise")
 STATUSES = ("keep", "discard", "crash", "skip")
+SCORED = ("keep", "discard")
 NO_COMMIT = "-"
 
 _ESCAPES = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
@@ -67,6 +69,86 @@ def as_float(value) -> float | None:
     return x if math.isfinite(x) else None
 
 
+def _as_int(value) -> int | None:
+    x = as_float(value)
+    return int(x) if x is not None and x == int(x) else None
+
+
+# ---------------------------------------------------------------------------
+# One row, typed: the only place that reads or writes a field's text
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    """One training run (or a skipped experiment). Unscored rows (crash, skip) carry val_bpb 0 and memory_gb 0."""
+    commit: str = NO_COMMIT  # 7-character sha, "-" for none
+    val_bpb: float = 0.0
+    memory_gb: float = 0.0
+    status: str = ""
+    description: str = ""
+    exp: int | None = None
+    tok_sec: int | None = None
+    mfu: float | None = None
+    steps: int | None = None
+    backend: str = ""
+    chip: str = ""
+    dataset: str = ""
+    seconds: float | None = None
+    notes: str = ""
+    tag: str = ""
+    llm_tokens: int | None = None  # None: no LLM call for this row
+    llm_cost: float | None = None  # USD; None with llm_tokens set: the model's price is unknown
+    seed: int | None = None  # None: the trainer's default
+    run: int = 0
+    kind: str = ""
+    extra: dict = field(default_factory=dict)  # columns this version does not know, kept as text
+
+    @property
+    def scored(self) -> bool:
+        return self.status in SCORED and math.isfinite(self.val_bpb) and self.val_bpb > 0
+
+    @classmethod
+    def parse(cls, text: dict) -> "Row":
+        """From the file's fields (column -> text); anything unreadable becomes empty, never an exception."""
+        g = lambda k: (text.get(k) or "").strip()  # noqa: E731
+        tokens = _as_int(g("llm_tokens"))
+        return cls(commit=g("commit") or NO_COMMIT, val_bpb=as_float(g("val_bpb")) or 0.0,
+                   memory_gb=as_float(g("memory_gb")) or 0.0, status=g("status"),
+                   description=text.get("description") or "", exp=exp_number(g("exp")),
+                   tok_sec=_as_int(g("tok_sec")), mfu=as_float(g("mfu")), steps=_as_int(g("steps")),
+                   backend=g("backend"), chip=g("chip"), dataset=g("dataset"), seconds=as_float(g("seconds")),
+                   notes=text.get("notes") or "", tag=g("tag"), llm_tokens=tokens,
+                   llm_cost=as_float(g("llm_cost")) if tokens is not None else None, seed=_as_int(g("seed")),
+                   run=_as_int(g("run")) or 0, kind=g("kind"),
+                   extra={k: v for k, v in text.items() if k not in _FIELD_NAMES})
+
+    def format(self) -> dict:
+        """column -> text, exactly as the file stores it."""
+        scored = self.status in SCORED
+        opt = lambda v, f="{}": "" if v is None else f.format(v)  # noqa: E731
+        cost = "" if self.llm_tokens is None else ("unknown" if self.llm_cost is None else f"{self.llm_cost:.6f}")
+        return {**self.extra,
+                "commit": self.commit or NO_COMMIT,
+                "val_bpb": f"{self.val_bpb:.6f}" if scored else "0.000000",
+                "memory_gb": f"{self.memory_gb:.1f}" if scored else "0.0",
+                "status": self.status, "description": self.description,
+                "exp": opt(self.exp, "exp{}"), "tok_sec": opt(self.tok_sec), "mfu": opt(self.mfu, "{:.2f}"),
+                "steps": opt(self.steps), "backend": self.backend, "chip": self.chip, "dataset": self.dataset,
+                "seconds": opt(self.seconds, "{:.1f}"), "notes": self.notes, "tag": self.tag,
+                "llm_tokens": opt(self.llm_tokens), "llm_cost": cost, "seed": opt(self.seed), "run": str(self.run),
+                "kind": self.kind}
+
+    @property
+    def label(self) -> str:
+        """'exp3', or 'exp3 r1' for a further run of the same commit."""
+        base = "" if self.exp is None else f"exp{self.exp}"
+        return base + (f" r{self.run}" if self.run > 0 else "")
+
+
+_FIELD_NAMES = {f.name for f in fields(Row)} - {"extra"}
+
+
 # ---------------------------------------------------------------------------
 # The file
 # ---------------------------------------------------------------------------
@@ -82,17 +164,15 @@ class ResultsFile:
     def ensure(self) -> None:
         """Create the file with a header, or extend an existing header with columns it lacks (atomic rewrite)."""
         if not self.path.exists() or self.path.stat().st_size == 0:
-            self._write_atomic(self.columns, [])
-            self.header = list(self.columns)
+            self.rewrite([], self.columns)
             return
         rows = self.load(repair=True)
         missing = [c for c in self.columns if c not in self.header]
         if missing:
-            self._write_atomic(self.header + missing, rows)
-            self.header = self.header + missing
+            self.rewrite(rows, self.header + missing)
 
-    def load(self, repair: bool = False) -> list[dict]:
-        """All rows as dicts keyed by the file's header (missing trailing fields -> ""; extra fields dropped).
+    def load(self, repair: bool = False) -> list[Row]:
+        """Every row, read by the file's header (missing trailing fields are empty; unknown columns are kept).
         A row is written in one write ending in "\n", so an unterminated last line is either a write in progress
         (readers ignore it) or, for the agent that owns the file (repair=True, at startup), a torn write to cut off."""
         if not self.path.exists():
@@ -117,61 +197,67 @@ class ResultsFile:
         for line in lines[1:]:
             if not line.strip():
                 continue
-            fields = [unescape(f) for f in line.split("\t")]
-            rows.append({col: (fields[i] if i < len(fields) else "") for i, col in enumerate(self.header)})
+            values = [unescape(f) for f in line.split("\t")]
+            rows.append(Row.parse({col: (values[i] if i < len(values) else "") for i, col in enumerate(self.header)}))
         return rows
 
-    def append(self, row: dict) -> None:
-        """Append one row (keys not in the header are dropped) with flush + fsync."""
+    def _line(self, row: Row, header: list[str]) -> str:
+        text = row.format()
+        return "\t".join(escape(text.get(col, "")) for col in header) + "\n"
+
+    def append(self, row: Row) -> None:
+        """Append one row (columns not in the header are dropped) with flush + fsync."""
         if self.header is None:
             self.ensure()
-        line = "\t".join(escape(row.get(col, "")) for col in self.header) + "\n"
         with open(self.path, "ab") as f:
-            f.write(line.encode("utf-8"))
+            f.write(self._line(row, self.header).encode("utf-8"))
             f.flush()
             os.fsync(f.fileno())
 
-    def _write_atomic(self, header: list[str], rows: list[dict]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        text = "\t".join(escape(h) for h in header) + "\n"
-        text += "".join("\t".join(escape(r.get(c, "")) for c in header) + "\n" for r in rows)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".results.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(text.encode("utf-8"))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+    def rewrite(self, rows: list[Row], header: list[str] | None = None) -> None:
+        """Replace the whole file with these rows (atomic)."""
+        header = list(header or self.header or self.columns)
+        write_atomic(self.path, "\t".join(escape(h) for h in header) + "\n"
+                     + "".join(self._line(r, header) for r in rows))
+        self.header = header
 
 
 # ---------------------------------------------------------------------------
-# Summaries of a tag's rows
+# Experiments and summaries of a tag's rows
 # ---------------------------------------------------------------------------
 
 
 @dataclass
 class Experiment:
-    """The rows of one experiment (one exp number), in file order."""
+    """The rows of one experiment (one exp number), in file order. The first row carries the experiment's verdict:
+    later rows are its confirmation runs (same status) or noise-floor runs appended after it was kept."""
     exp: int | None
     rows: list
 
     @property
+    def first(self) -> Row:
+        return self.rows[0]
+
+    @property
     def status(self) -> str:
-        return self.rows[0].get("status", "")
+        return self.first.status
+
+    @property
+    def description(self) -> str:
+        return " ".join(self.first.description.split())
+
+    @property
+    def commit(self) -> str:
+        return self.first.commit
 
     @property
     def values(self) -> list:
-        """val_bpb of every scored run (keep/discard rows with a positive value)."""
-        out = []
-        for r in self.rows:
-            v = as_float(r.get("val_bpb"))
-            if r.get("status") in ("keep", "discard") and v is not None and v > 0:
-                out.append(v)
-        return out
+        """val_bpb of every scored run."""
+        return [r.val_bpb for r in self.rows if r.scored]
+
+    @property
+    def runs(self) -> int:
+        return len(self.rows)
 
     @property
     def mean(self) -> float | None:
@@ -193,26 +279,25 @@ class Summary:
     trained: int = 0  # training runs (rows that are not skips): confirmation and noise runs included
 
 
-def rows_for_tag(rows: list[dict], tag: str) -> list[dict]:
+def rows_for_tag(rows: list[Row], tag: str) -> list[Row]:
     """Rows of one agent run. Rows without a tag (upstream files, older versions) belong to every tag."""
-    return [r for r in rows if not r.get("tag") or r.get("tag") == tag]
+    return [r for r in rows if not r.tag or r.tag == tag]
 
 
-def group_experiments(rows: list[dict]) -> list[Experiment]:
+def group_experiments(rows: list[Row]) -> list[Experiment]:
     """Rows grouped by experiment, in order of first appearance. A row without an exp number is its own experiment."""
     groups: dict = {}
     for i, r in enumerate(rows):
-        n = exp_number(r.get("exp"))
-        key = n if n is not None else ("row", i)
+        key = r.exp if r.exp is not None else ("row", i)
         if key not in groups:
-            groups[key] = Experiment(n, [])
+            groups[key] = Experiment(r.exp, [])
         groups[key].rows.append(r)
     return list(groups.values())
 
 
-def summarize(rows: list[dict]) -> Summary:
+def summarize(rows: list[Row]) -> Summary:
     s = Summary()
-    numbers = [n for n in (exp_number(r.get("exp")) for r in rows) if n is not None]
+    numbers = [r.exp for r in rows if r.exp is not None]
     s.next_exp = max(numbers) + 1 if numbers else 0
     for e in group_experiments(rows):
         status = e.status

@@ -1,0 +1,33 @@
+"""Write a file so that a reader (or a restart after kill -9) sees the old content or the new, never half of it."""
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+
+def write_atomic(path, data) -> None:
+    """Write str (UTF-8) or bytes to a temporary file beside `path`, fsync it, then rename it over `path`.
+    The file keeps its permission bits."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    raw = data.encode("utf-8") if isinstance(data, str) else bytes(data)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(raw)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.chmod(tmp, path.stat().st_mode & 0o7777)
+        except OSError:
+            os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json_atomic(path, data: dict) -> None:
+    write_atomic(path, json.dumps(data, indent=1, default=str))
