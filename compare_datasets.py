@@ -32,7 +32,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tui.results import ResultsFile, as_float, exp_number
+from tui import results
+from tui.results import ResultsFile
 
 # ---------------------------------------------------------------------------
 # Constants
@@ -53,51 +54,22 @@ class CompareError(RuntimeError):
 # ---------------------------------------------------------------------------
 
 
-@dataclass
-class Experiment:
-    exp: int | None
-    rows: list
-
-    @property
-    def status(self):
-        return self.rows[-1].get("status", "")
-
-    @property
-    def values(self):
-        """val_bpb of every scored run of this experiment."""
-        vals = [as_float(r.get("val_bpb")) for r in self.rows if r.get("status") in ("keep", "discard")]
-        return [v for v in vals if v is not None and v > 0]
-
-    @property
-    def value(self):
-        vals = self.values
-        return sum(vals) / len(vals) if vals else None
-
-    @property
-    def confirmed(self):
-        """Kept on more than one run of the same commit (repeated runs; issue 8's `run` column)."""
-        return self.status == "keep" and len(self.values) > 1
-
-    @property
-    def description(self):
-        return " ".join(str(self.rows[0].get("description", "")).split())
-
-    @property
-    def commit(self):
-        c = self.rows[0].get("commit", "")
-        return "" if c in ("", "-") else c
-
-
 def group_experiments(rows):
-    groups = {}
-    for i, r in enumerate(rows):
-        n = exp_number(r.get("exp"))
-        groups.setdefault(n if n is not None else ("row", i), Experiment(n, [])).rows.append(r)
-    exps = list(groups.values())
+    """results.group_experiments, numbered: upstream's files have no exp column, so the row order is the number."""
+    exps = results.group_experiments(rows)
     for i, e in enumerate(exps):
         if e.exp is None:
-            e.exp = i            # upstream's files have no exp column: the row order is the experiment number
+            e.exp = i
     return exps
+
+
+def confirmed(e) -> bool:
+    """Kept on more than one run of the same commit (repeated runs; issue 8's `run` column)."""
+    return e.status == "keep" and len(e.values) > 1
+
+
+def commit_of(e) -> str:
+    return "" if e.commit in ("", results.NO_COMMIT) else e.commit
 
 
 @dataclass
@@ -115,7 +87,7 @@ class Run:
 
 def _dataset_of(rows, path):
     """The dataset column, else the directory of results/<dataset>/results.tsv, else a generic name."""
-    names = [r.get("dataset") for r in rows if r.get("dataset")]
+    names = [r.dataset for r in rows if r.dataset]
     if names:
         return max(set(names), key=names.count)
     path = path.resolve()
@@ -133,16 +105,16 @@ def load_run(path, tag=None):
         raise CompareError(f"cannot read {path}: {e.strerror}") from None
     tags = []
     for r in rows:
-        if r.get("tag") and r["tag"] in tags:
-            tags.remove(r["tag"])
-        if r.get("tag"):
-            tags.append(r["tag"])             # ordered by last appearance
+        if r.tag and r.tag in tags:
+            tags.remove(r.tag)
+        if r.tag:
+            tags.append(r.tag)             # ordered by last appearance
     if tag:
-        chosen = [t for t in tags if t == tag or any(t == f"{tag}-{r.get('dataset')}" for r in rows
-                                                     if r.get("tag") == t)]
+        chosen = [t for t in tags if t == tag or any(t == f"{tag}-{r.dataset}" for r in rows
+                                                     if r.tag == t)]
     else:
         chosen = tags[-1:]                    # the most recent run
-    picked = [r for r in rows if not r.get("tag") or r.get("tag") in chosen]
+    picked = [r for r in rows if not r.tag or r.tag in chosen]
     return Run(_dataset_of(picked or rows, path), path, ", ".join(chosen), picked,
                [t for t in tags if t not in chosen])
 
@@ -164,13 +136,13 @@ def find_results(results_dir):
 
 def summarize(run):
     exps = run.experiments
-    scored = [e for e in exps if e.value is not None]
+    scored = [e for e in exps if e.mean is not None]
     kept = [e for e in exps if e.status == "keep"]
     after = [e for e in exps if e.exp != 0]
     base = next((e for e in exps if e.exp == 0), None)
-    baseline = base.value if base else None
-    best = min((e for e in kept if e.value is not None), key=lambda e: e.value, default=None)
-    first = best.rows[0] if best else {}
+    baseline = base.mean if base else None
+    best = min((e for e in kept if e.mean is not None), key=lambda e: e.mean, default=None)
+    first = best.first if best else None
     s = dict(
         dataset=run.label, tag=run.tag, results=str(run.path),
         experiments=len(exps), training_runs=sum(len(e.rows) for e in exps),
@@ -179,14 +151,14 @@ def summarize(run):
         skipped=sum(e.status == "skip" for e in group_experiments(run.rows)),
         keep_rate=(sum(e.status == "keep" for e in after) / len(after)) if after else None,
         crash_rate=(sum(e.status == "crash" for e in exps) / len(exps)) if exps else None,
-        confirmed_keeps=sum(e.confirmed for e in after), single_run_keeps=sum(e.status == "keep" and not e.confirmed
+        confirmed_keeps=sum(confirmed(e) for e in after), single_run_keeps=sum(e.status == "keep" and not confirmed(e)
                                                                               for e in after),
         baseline=baseline, baseline_runs=len(base.values) if base else 0,
-        best=best.value if best else None, best_exp=best.exp if best else None,
+        best=best.mean if best else None, best_exp=best.exp if best else None,
         best_runs=len(best.values) if best else 0, best_description=best.description if best else None,
-        best_commit=best.commit if best else None,
-        best_memory_gb=as_float(first.get("memory_gb")), best_tok_sec=as_float(first.get("tok_sec")),
-        improvement_pct=((baseline - best.value) / baseline * 100) if (best and baseline) else None,
+        best_commit=commit_of(best) if best else None,
+        best_memory_gb=first.memory_gb if first else None, best_tok_sec=first.tok_sec if first else None,
+        improvement_pct=((baseline - best.mean) / baseline * 100) if (best and baseline) else None,
         scored=len(scored), other_tags=run.other_tags,
     )
     return s
@@ -220,15 +192,15 @@ def parse_block(source):
 def _script_of(git, run):
     """The training script the experiments edited (the one .py file an experiment commit changes)."""
     for e in run.experiments:
-        if e.exp and e.commit:
+        if e.exp and commit_of(e):
             try:
-                changed = git.run("show", "--name-only", "--format=", e.commit).split()
+                changed = git.run("show", "--name-only", "--format=", commit_of(e)).split()
             except Exception:
                 continue
             py = [f for f in changed if f.endswith(".py")]
             if len(py) == 1:
                 return py[0]
-    backends = [r.get("backend") for r in run.rows if r.get("backend")]
+    backends = [r.backend for r in run.rows if r.backend]
     return "train_mlx.py" if backends and backends[-1] == "mlx" else "train.py"
 
 
@@ -252,7 +224,7 @@ def hyperparameters(run, summary, repo):
     from tui.git_repo import GitRepo
     git = GitRepo(repo)
     exps = {e.exp: e for e in run.experiments}
-    base_commit = exps[0].commit if 0 in exps else ""
+    base_commit = commit_of(exps[0]) if 0 in exps else ""
     best_commit = summary["best_commit"] or ""
     if git.is_repo() and base_commit and best_commit:
         script = _script_of(git, run)
@@ -338,8 +310,8 @@ def running_best(exps):
     """(exp numbers, best so far) at every kept experiment, in experiment order."""
     xs, ys, best = [], [], None
     for e in sorted(exps, key=lambda e: e.exp):
-        if e.status == "keep" and e.value is not None and (best is None or e.value < best):
-            best = e.value
+        if e.status == "keep" and e.mean is not None and (best is None or e.mean < best):
+            best = e.mean
             xs.append(e.exp)
             ys.append(best)
     return xs, ys
@@ -355,7 +327,7 @@ def progress_chart(run, summary, path):
 def draw_progress(ax, run, summary):
     """Upstream's progress chart on `ax`; returns the legend's labels."""
     exps = run.experiments
-    scored = [e for e in exps if e.value is not None]
+    scored = [e for e in exps if e.mean is not None]
     crashes = [e for e in exps if e.status == "crash"]
     title = f"{run.label}: {len(exps)} experiments, {summary['kept']} kept"
     if summary["best"] is not None:
@@ -382,25 +354,25 @@ def draw_progress(ax, run, summary):
         def y(v):
             return min(v, top)
 
-        disc = [e for e in scored if e.status != "keep" and e.value <= top]
-        clipped = [e for e in scored if e.status != "keep" and e.value > top]
+        disc = [e for e in scored if e.status != "keep" and e.mean <= top]
+        clipped = [e for e in scored if e.status != "keep" and e.mean > top]
         if disc:
-            ax.scatter([e.exp for e in disc], [e.value for e in disc], s=18, color=COLORS["discard"], alpha=0.7,
+            ax.scatter([e.exp for e in disc], [e.mean for e in disc], s=18, color=COLORS["discard"], alpha=0.7,
                        label="discarded", zorder=2)
         if clipped:
             ax.scatter([e.exp for e in clipped], [top] * len(clipped), marker="^", s=30, color=COLORS["discard"],
                        zorder=2, label="discarded, off the scale")
         kept = [e for e in scored if e.status == "keep"]
-        single = [e for e in kept if not e.confirmed]
-        confirmed = [e for e in kept if e.confirmed]
+        single = [e for e in kept if not confirmed(e)]
+        sure = [e for e in kept if confirmed(e)]
         if single:
-            ax.scatter([e.exp for e in single], [y(e.value) for e in single], s=60, facecolors="white",
+            ax.scatter([e.exp for e in single], [y(e.mean) for e in single], s=60, facecolors="white",
                        edgecolors=COLORS["keep"], linewidths=1.8, label="kept (one run)", zorder=4)
-        if confirmed:
-            for e in confirmed:
+        if sure:
+            for e in sure:
                 ax.vlines(e.exp, y(min(e.values)), y(max(e.values)), color=COLORS["keep"], linewidth=1, zorder=3)
                 ax.scatter([e.exp] * len(e.values), [y(v) for v in e.values], s=8, color=COLORS["keep"], zorder=3)
-            ax.scatter([e.exp for e in confirmed], [y(e.value) for e in confirmed], s=60, color=COLORS["keep"],
+            ax.scatter([e.exp for e in sure], [y(e.mean) for e in sure], s=60, color=COLORS["keep"],
                        edgecolors="black", linewidths=0.8, label="kept, confirmed (mean of its runs)", zorder=4)
         xs, ys = running_best(exps)
         if xs:
@@ -410,7 +382,7 @@ def draw_progress(ax, run, summary):
         for e in kept:
             text = "baseline" if e.exp == 0 else e.description
             text = text if len(text) <= LABEL_CHARS else text[:LABEL_CHARS - 1] + "…"
-            ax.annotate(text, (e.exp, y(e.value)), xytext=(4, 6), textcoords="offset points", fontsize=7,
+            ax.annotate(text, (e.exp, y(e.mean)), xytext=(4, 6), textcoords="offset points", fontsize=7,
                         rotation=25, color="#1a4d1a", zorder=5)
     if crashes:
         ax.scatter([e.exp for e in crashes], [0.02] * len(crashes), transform=ax.get_xaxis_transform(), marker="x",

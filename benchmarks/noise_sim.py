@@ -141,7 +141,7 @@ def run_mode(mode: str, experiments: int, work: Path, env: dict, budget: float, 
     rows = ResultsFile(repo / "results.tsv").load()
     nulls = [e for e in group_experiments(rows) if e.exp and e.status in ("keep", "discard")]
     values = [v for e in group_experiments(rows) for v in e.values]
-    steps = [int(r["steps"]) for r in rows if str(r.get("steps", "")).isdigit() and r["status"] != "crash"]
+    steps = [r.steps for r in rows if r.steps is not None and r.status != "crash"]
     nf = noise_floor(rows)
     return {
         "mode": mode, "ok": summary.ok, "reason": summary.reason, "repo": str(repo),

@@ -60,7 +60,7 @@ def alive(pid):
 
 
 def statuses(repo):
-    return [(r["exp"], r["status"]) for r in ResultsFile(repo / "results.tsv").load()]
+    return [(f"exp{r.exp}", r.status) for r in ResultsFile(repo / "results.tsv").load()]
 
 
 def subjects(repo):

@@ -34,7 +34,7 @@ def run_agent(repo, server, rec=None, **overrides):
 
 
 def rows(repo):
-    return ResultsFile(Path(repo) / "results.tsv").load()
+    return [r.format() for r in ResultsFile(Path(repo) / "results.tsv").load()]
 
 
 def statuses(repo):
@@ -99,10 +99,9 @@ def test_good_edit_kept_worse_edit_reverted_user_files_untouched(repo, server):
     for s in ("initializing", "baseline", "thinking", "committing", "training", "evaluating", "stopping", "stopped"):
         assert s in states, s
     assert states[-1] == "stopped"
-    st = rec.of("stats")[-1]
-    assert (st.runs, st.kept, st.discarded, st.best_val_bpb, st.best_exp, st.input_tokens + st.output_tokens) == \
-        (3, 2, 1, 1.02, 1, 2400)
-    assert st.cost_usd == pytest.approx(0.012)
+    st, usage, _ = rec.of("stats")[-1]
+    assert (st.runs, st.kept, st.discarded, st.best_val_bpb, st.best_exp, usage.tokens) == (3, 2, 1, 1.02, 1, 2400)
+    assert usage.cost_usd == pytest.approx(0.012)
     assert "val_bpb:          1.110000" in (repo / "runs" / "exp2.log").read_text()
     assert [s.step for s in rec.of("step")][:5] == [0, 1, 2, 3, 4]
     pids = [p for p in rec.of("pid") if p]
@@ -259,7 +258,7 @@ def test_uncommitted_training_script_is_saved_then_restored(repo, server):
     (repo / "train.py").write_text(script(repo).replace("DEPTH = 4", "DEPTH = 7"))
     summary, rec, _ = run_agent(repo, server, max_experiments=1)
     assert summary.ok and statuses(repo) == [("exp0", "keep")]
-    saved = list((repo / "runs").glob("train.uncommitted-*.py"))
+    saved = list((repo / "runs").glob("rescued-*-train.py"))
     assert len(saved) == 1 and "DEPTH = 7" in saved[0].read_text()
     assert "DEPTH = 4" in script(repo) and any("saved them to" in m for m in rec.logs("warning"))
 

@@ -6,6 +6,7 @@ import pytest
 
 from fakes.agent import hp_answer, hp_block
 from fakes.repo import FAKE_TRAIN
+from tui.results import Row
 from tui.prompt import (AnswerError, PromptContext, ScriptError, apply_proposal, find_hparams, parse_answer,
                         user_prompt)
 
@@ -116,11 +117,15 @@ def test_script_without_markers_is_a_script_error():
         find_hparams("# Hyperparameters\nx = 1\n")
 
 
+def typed(rows):
+    return [Row.parse(r) for r in rows]
+
+
 def test_prompt_contains_history_crash_tail_hardware_and_block():
     rows = [{"exp": "exp0", "status": "keep", "val_bpb": "1.030000", "memory_gb": "0.8", "steps": "5",
              "description": "baseline"},
             {"exp": "exp1", "status": "crash", "val_bpb": "0.000000", "description": "deeper", "notes": "exit code 1"}]
-    ctx = PromptContext(exp=2, scope="hparams", script_name="train.py", source=SOURCE, history=rows,
+    ctx = PromptContext(exp=2, scope="hparams", script_name="train.py", source=SOURCE, history=typed(rows),
                         best_val_bpb=1.03, best_exp=0, hardware={"chip_name": "Apple M4 Max", "memory_gb": 64},
                         backend="mlx", dataset="climbmix", time_budget=300,
                         last_crash="exp1 (deeper): exit code 1\nValueError: boom", notes=["Plateau: change direction."])
@@ -133,7 +138,8 @@ def test_prompt_contains_history_crash_tail_hardware_and_block():
 
 def test_history_is_bounded():
     rows = [{"exp": f"exp{i}", "status": "discard", "val_bpb": "1.1", "description": f"idea {i}"} for i in range(50)]
-    ctx = PromptContext(exp=50, scope="file", script_name="train.py", source=SOURCE, history=rows, history_len=10)
+    ctx = PromptContext(exp=50, scope="file", script_name="train.py", source=SOURCE, history=typed(rows),
+                        history_len=10)
     text = user_prompt(ctx)
     assert "idea 49" in text and "idea 39" not in text and "40 earlier experiments not shown" in text
     assert "import json" in text  # file scope shows the whole script

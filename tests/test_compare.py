@@ -11,7 +11,7 @@ import pytest
 
 import compare_datasets as cmp
 from fakes.repo import git, make_repo
-from tui.results import ResultsFile
+from tui.results import ResultsFile, Row
 
 ROOT = Path(__file__).resolve().parent.parent
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -48,7 +48,7 @@ def write_results(path, columns, rows):
     f = ResultsFile(path, columns)
     f.ensure()
     for r in rows:
-        f.append(r)
+        f.append(Row.parse({k: str(v) for k, v in r.items()}))
 
 
 def row(exp, status, val, desc, commit, dataset, tag, **extra):

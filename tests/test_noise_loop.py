@@ -26,7 +26,7 @@ NOISY = FAKE_TRAIN.read_text().replace('MODE = "ok"', 'MODE = "noisy"')
 
 @pytest.fixture
 def repo(tmp_path, monkeypatch):
-    monkeypatch.setenv("FAKE_TRAIN_NOISE", str(NOISE))
+    monkeypatch.setenv("AUTORESEARCH_FAKE_NOISE", str(NOISE))
     return agent_repo(tmp_path / "repo", NOISY)
 
 
@@ -42,7 +42,7 @@ def run_agent(repo, server, rec=None, **overrides):
 
 
 def rows(repo):
-    return ResultsFile(Path(repo) / "results.tsv").load()
+    return [r.format() for r in ResultsFile(Path(repo) / "results.tsv").load()]
 
 
 def table(repo):
@@ -86,9 +86,9 @@ def test_noise_floor_then_a_real_gain_confirmed_and_a_null_change_discarded(repo
     best = (float(r[3]["val_bpb"]) + float(r[4]["val_bpb"])) / 2
     assert f"Best val_bpb so far: {best:.6f} (exp1)" in server.prompts()[1]  # the mean, not the lucky run
     assert "Noise: re-running the same script moves val_bpb by about" in server.prompts()[1]
-    st = rec.of("stats")[-1]
+    st, _, extra = rec.of("stats")[-1]
     assert (st.runs, st.kept, st.discarded, st.best_exp) == (3, 2, 1, 1) and st.best_val_bpb == pytest.approx(best)
-    assert set(st.extra) == {"noise σ", "margin", "plateau"}
+    assert set(extra) == {"noise σ", "margin", "plateau"}
     logs = rec.logs()
     assert any(m.startswith("noise floor: σ") and "keep margin" in m for m in logs)
     assert any(m.startswith("exp1: confirmation run 1/2 with seed 43") and "margin" in m for m in logs)
@@ -113,7 +113,7 @@ def test_plateau_asks_for_a_new_direction_and_says_so(tmp_path, server):
     warnings = [m for m in rec.logs("warning") if m.startswith("plateau:")]
     assert warnings == ["plateau: 2 experiments without a keep, asking the LLM for a new direction"]
     assert any(s == "thinking" and "plateau" in m for s, m in rec.of("state"))
-    assert rec.of("stats")[-1].extra["plateau"] == "4/2 new direction"
+    assert rec.of("stats")[-1][2]["plateau"] == "4/2 new direction"
 
 
 def test_a_crash_in_a_confirmation_run_fails_the_experiment(repo, server):
@@ -154,15 +154,15 @@ def test_resume_restores_the_noise_floor_and_the_best_mean(repo, server):
     server.push(server.text(hp_answer("lr 0.02", lr=0.02, mode="noisy")))
     assert run_agent(repo, server, max_experiments=2)[0].ok
     before = rows(repo)
-    nf = noise_floor(before)
+    nf = noise_floor(ResultsFile(repo / "results.tsv").load())
     server.push(server.text(null_answer(1, lr=0.02)))
     summary, rec, _ = run_agent(repo, server, max_experiments=3)
     assert summary.ok
     after = rows(repo)
     assert after[:len(before)] == before and {r["exp"] for r in after[len(before):]} == {"exp2"}  # no re-measuring
     assert any(m.startswith(f"noise floor: σ {nf.sigma:.6f} (") for m in rec.logs())
-    assert rec.of("stats")[0].extra["noise σ"] == f"{nf.used:.4f}"
-    best = summarize(before).best_val_bpb
+    assert rec.of("stats")[0][2]["noise σ"] == f"{nf.used:.4f}"
+    best = summarize(ResultsFile(repo / "results.tsv").load()[:len(before)]).best_val_bpb
     assert f"Best val_bpb so far: {best:.6f} (exp1)" in server.prompts()[-1]
 
 
@@ -196,9 +196,9 @@ def test_remeasure_noise_runs_the_best_commit_again_as_a_new_measurement(repo, s
     assert new == [("exp1", "keep", "2", "44", "noise"), ("exp1", "keep", "3", "45", "noise"),
                    ("exp1", "keep", "4", "46", "noise")]
     assert any(m.startswith("re-measuring the noise floor on exp1") for m in rec.logs())
-    nf = noise_floor(rows(repo))
+    nf = noise_floor(ResultsFile(repo / "results.tsv").load())
     assert nf.exp == 1 and nf.runs == 3 and nf.dof == 2  # a new epoch: the old spread no longer counts
-    assert summarize(rows(repo)).best_runs == 5
+    assert summarize(ResultsFile(repo / "results.tsv").load()).best_runs == 5
 
 
 def test_old_results_files_gain_the_new_columns(repo, server):
@@ -219,7 +219,7 @@ def test_old_results_files_gain_the_new_columns(repo, server):
 def clean_env(**extra):
     from tui.credentials import is_child_hidden
     env = {k: v for k, v in os.environ.items() if not is_child_hidden(k)}
-    env.update(PYTHONUNBUFFERED="1", ANTHROPIC_API_KEY=TEST_KEY, FAKE_TRAIN_NOISE=str(NOISE), **extra)
+    env.update(PYTHONUNBUFFERED="1", ANTHROPIC_API_KEY=TEST_KEY, AUTORESEARCH_FAKE_NOISE=str(NOISE), **extra)
     return env
 
 
@@ -280,7 +280,7 @@ def test_kill_9_mid_confirmation_continues_the_confirmation_on_restart(repo, ser
 
 
 def test_kill_9_mid_noise_measurement_completes_it_on_restart(tmp_path, server, monkeypatch):
-    monkeypatch.setenv("FAKE_TRAIN_NOISE", str(NOISE))
+    monkeypatch.setenv("AUTORESEARCH_FAKE_NOISE", str(NOISE))
     repo = agent_repo(tmp_path / "repo", NOISY.replace('STEP_SLEEP = 0.0\n', 'STEP_SLEEP = 0.0\nSEED_GATES = True\n'))
     (repo / "runs").mkdir()
     slow = repo / "runs" / "slow-seed-43"

@@ -9,7 +9,7 @@ import pytest
 from tui.decision import (Candidate, ConfirmRule, SingleRunRule, latest_measurement, make_keep_rule, margin,
                           noise_floor, plateau_count)
 from tui.prompt import format_history
-from tui.results import summarize
+from tui.results import Row, summarize
 
 # ---------------------------------------------------------------------------
 # Synthetic results rows
@@ -17,9 +17,9 @@ from tui.results import summarize
 
 
 def row(exp, val, status="keep", run=0, kind="", seed=""):
-    return {"exp": f"exp{exp}", "val_bpb": f"{val:.6f}" if status in ("keep", "discard") else "0.000000",
-            "status": status, "run": str(run), "kind": kind, "seed": str(seed), "commit": f"c{exp:06d}",
-            "description": f"idea {exp}", "notes": ""}
+    return Row.parse({"exp": f"exp{exp}", "val_bpb": f"{val:.6f}" if status in ("keep", "discard") else "0.000000",
+                      "status": status, "run": str(run), "kind": kind, "seed": str(seed), "commit": f"c{exp:06d}",
+                      "description": f"idea {exp}", "notes": ""})
 
 
 def baseline(*vals):

@@ -37,7 +37,7 @@ def statuses(repo, ds):
     """(exp, status, dataset, tag) per experiment: the last row of each (an experiment may run several times)."""
     last = {}
     for r in ResultsFile(repo / "results" / ds / "results.tsv").load():
-        last[r["exp"]] = (r["exp"], r["status"], r["dataset"], r["tag"])
+        last[r.exp] = (f"exp{r.exp}", r.status, r.dataset, r.tag)
     return list(last.values())
 
 

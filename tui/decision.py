@@ -29,7 +29,7 @@ LLM to change direction and the status panel says so.
 import math
 from dataclasses import dataclass, field
 
-from tui.results import exp_number, group_experiments, summarize
+from tui.results import Row, group_experiments, summarize
 
 DEFAULT_SEED = 42  # the trainers' default AUTORESEARCH_SEED; run k of a commit uses seed DEFAULT_SEED + k
 NOISE_RUNS = 3  # baseline runs that measure the noise floor
@@ -98,12 +98,8 @@ def margin(sigma: float, k: int, n: int, z: float = MARGIN_SIGMAS) -> float:
     return z * sigma * math.sqrt(1.0 / max(k, 1) + 1.0 / max(n, 1))
 
 
-def _scored(row) -> float | None:
-    try:
-        v = float(row.get("val_bpb"))
-    except (TypeError, ValueError):
-        return None
-    return v if row.get("status") in ("keep", "discard") and math.isfinite(v) and v > 0 else None
+def _scored(row: Row) -> float | None:
+    return row.val_bpb if row.scored else None
 
 
 def latest_measurement(rows: list) -> tuple | None:
@@ -111,18 +107,18 @@ def latest_measurement(rows: list) -> tuple | None:
     (skip rows in between do not split it). None when the tag has none."""
     end = None
     for i in range(len(rows) - 1, -1, -1):
-        if rows[i].get("kind") == "noise":
+        if rows[i].kind == "noise":
             end = i + 1
             break
     if end is None:
         return None
-    exp = rows[end - 1].get("exp")
+    exp = rows[end - 1].exp
     start = i = end - 1
     while i > 0:
         prev = rows[i - 1]
-        if prev.get("kind") == "noise" and prev.get("exp") == exp:
+        if prev.kind == "noise" and prev.exp == exp:
             start = i - 1
-        elif prev.get("status") != "skip":
+        elif prev.status != "skip":
             break
         i -= 1
     return start, end
@@ -146,7 +142,7 @@ def noise_floor(rows: list, floor_rel: float = SIGMA_FLOOR_REL) -> NoiseFloor | 
     return NoiseFloor(sigma=math.sqrt(ss / dof), dof=dof, floor=floor_rel * sum(values) / len(values),
                       runs=len(measured), mean=sum(measured) / len(measured) if measured else None,
                       spread=max(measured) - min(measured) if measured else 0.0,
-                      exp=exp_number(rows[block[0]].get("exp")) if block else None)
+                      exp=rows[block[0]].exp if block else None)
 
 
 def plateau_count(rows: list) -> int:
@@ -234,7 +230,7 @@ class NoiseAwareRule(KeepRule):
             return 0
         block = latest_measurement(history)
         if block is not None:
-            if any(r.get("status") != "skip" for r in history[block[1]:]):
+            if any(r.status != "skip" for r in history[block[1]:]):
                 return 0  # experiments followed the measurement: it is finished, whatever its size
             done = sum(1 for r in history[block[0]:block[1]] if _scored(r) is not None)
             return max(0, self.noise_runs - done)

@@ -22,6 +22,10 @@ class GitError(RuntimeError):
     pass
 
 
+class GitMoved(GitError):
+    """The branch or HEAD is not where the agent left it: somebody else changed the repository."""
+
+
 def validate_tag(tag: str) -> str:
     """A tag becomes part of the branch autoresearch/<tag>: keep it to a plain, safe ref component."""
     if not TAG_RE.match(tag or "") or ".." in tag or tag.endswith((".", ".lock")):
@@ -53,6 +57,18 @@ class GitRepo:
             msg = (p.stderr.strip() or p.stdout.strip()).splitlines()
             raise GitError(f"git {' '.join(args)} failed: {msg[-1] if msg else f'exit code {p.returncode}'}")
         return p.stdout
+
+    def expect(self, branch: str, head: str) -> None:
+        """Raise GitMoved unless `branch` is checked out at `head`: called before every write, so a user who checked
+        out another branch or committed while an experiment trained never gets our commit or reset on top."""
+        now_branch, now_head = self.current_branch(), self.head()
+        if now_branch != branch:
+            raise GitMoved(f"the repository is on {now_branch!r}, not on {branch!r} where the agent works (was it "
+                           f"checked out during the experiment?); nothing was changed: check out {branch} and start "
+                           f"the agent again to resume")
+        if now_head != head:
+            raise GitMoved(f"{branch} moved from {head[:7]} to {now_head[:7]} while the agent worked (a commit or "
+                           f"reset by someone else?); nothing was changed: start the agent again to resume from there")
 
     def ok(self, *args) -> bool:
         """True when the git command exits 0 (for yes/no questions such as diff --quiet)."""

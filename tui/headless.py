@@ -6,6 +6,7 @@ Exit codes: 0 the loop ended normally (--max reached), 1 a fatal error, 2 bad co
 signal N (130 for Ctrl-C).
 """
 
+import os
 import signal
 import sys
 import threading
@@ -69,19 +70,18 @@ class ConsoleListener(AgentListener):
             self.say(f"    step {step.step} ({step.pct_done:.1f}%) loss {loss}, remaining {rest}")
 
     def on_experiment_end(self, r):
-        row = r.row
+        text = r.row.format()
         if r.status in ("keep", "discard"):
-            self.say(f"exp{r.exp} {r.status.upper()}: val_bpb {_fmt_bpb(r.val_bpb)} | mem {row.get('memory_gb')} GB | "
-                     f"tok/s {row.get('tok_sec')} | steps {row.get('steps')} | {r.notes}")
+            self.say(f"exp{r.exp} {r.status.upper()}: val_bpb {_fmt_bpb(r.val_bpb)} | mem {text['memory_gb']} GB | "
+                     f"tok/s {text['tok_sec']} | steps {text['steps']} | {r.notes}")
         else:
             self.say(f"exp{r.exp} {r.status.upper()}: {r.notes}")
 
-    def on_stats(self, s):
-        cost = format_cost(s.cost_usd)
+    def on_stats(self, s, usage, extra):
         self.stats_line(f"stats: runs {s.runs}, kept {s.kept}, discarded {s.discarded}, crashed {s.crashed}, skipped "
-                 f"{s.skipped}, best {_fmt_bpb(s.best_val_bpb)}"
-                 + (f" (exp{s.best_exp})" if s.best_exp is not None else "")
-                 + (f", LLM {s.input_tokens + s.output_tokens} tokens, cost {cost}" if s.llm_calls else ""))
+                        f"{s.skipped}, best {_fmt_bpb(s.best_val_bpb)}"
+                        + (f" (exp{s.best_exp})" if s.best_exp is not None else "")
+                        + (f", LLM {usage.tokens} tokens, cost {format_cost(usage.cost_usd)}" if usage.calls else ""))
 
     def stats_line(self, text):
         if text != getattr(self, "_last_stats", None):  # unchanged totals are not worth a line
@@ -112,11 +112,11 @@ class StatusListener(AgentListener):
     def on_experiment_end(self, r):
         self.file.update(last_result={"exp": r.exp, "status": r.status, "val_bpb": r.val_bpb, "notes": r.notes})
 
-    def on_stats(self, s):
+    def on_stats(self, s, usage, extra):
         self.file.update(runs=s.runs, kept=s.kept, discarded=s.discarded, crashed=s.crashed, skipped=s.skipped,
                          best_val_bpb=s.best_val_bpb, best_exp=s.best_exp, next_exp=s.next_exp,
-                         llm_tokens=s.input_tokens + s.output_tokens, llm_cost_usd=s.cost_usd,
-                         keep_rule=dict(s.extra))   # noise floor, margin, plateau: shown by --watch too
+                         llm_tokens=usage.tokens, llm_cost_usd=usage.cost_usd,
+                         keep_rule=dict(extra))   # noise floor, margin, plateau: shown by --watch too
 
 
 def run_headless(config: AgentConfig, out=None, err=None) -> int:
@@ -158,19 +158,23 @@ def run_headless(config: AgentConfig, out=None, err=None) -> int:
     except KeyboardInterrupt:
         console.say("forced exit: training killed, repository left for the next start to tidy", error=True)
         status.file.close(state="stopped", message="forced exit")
-        return 128 + (received[-1] if received else signal.SIGINT)
+        code = 128 + (received[-1] if received else signal.SIGINT)
+        if previous:  # our own signal handlers: a real process asked to exit at once, so skip the interpreter's
+            sys.stdout.flush()  # teardown (collecting torch's objects alone takes seconds)
+            sys.stderr.flush()
+            os._exit(code)
+        return code
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
-    st = summary.stats
+    st, usage = summary.totals, summary.usage
     minutes = (time.monotonic() - t0) / 60
     console.say(f"summary: {summary.reason}")
     console.say(f"  {summary.experiments} experiments this session in {minutes:.1f} min; tag totals: runs {st.runs}, "
                 f"kept {st.kept}, discarded {st.discarded}, crashed {st.crashed}, skipped {st.skipped}")
     console.say(f"  best val_bpb {_fmt_bpb(st.best_val_bpb)}" + (f" (exp{st.best_exp})" if st.best_exp is not None
                                                                 else "")
-                + (f"; LLM {st.input_tokens + st.output_tokens} tokens, cost {format_cost(st.cost_usd)}"
-                   if st.llm_calls else ""))
+                + (f"; LLM {usage.tokens} tokens, cost {format_cost(usage.cost_usd)}" if usage.calls else ""))
     status.file.close(state=orch.state.value, message=summary.reason)
     if received:
         return 128 + received[0]

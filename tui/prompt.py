@@ -318,19 +318,15 @@ def format_history(rows: list, limit: int) -> str:
     if len(groups) > len(shown):
         out.append(f"({len(groups) - len(shown)} earlier experiments not shown)")
     for e in shown:
-        r, status = e.rows[0], e.status
-        mean = e.mean
-        if status in ("crash", "skip"):
-            val = "-"
-        else:
-            val = f"{mean:.6f}" if mean is not None else str(r.get("val_bpb", ""))
-        runs = "-" if status == "skip" else str(len(e.rows))
-        desc = " ".join(str(r.get("description", "")).split())[:80]
-        note = " ".join(str(e.rows[-1].get("notes", "")).split())[:100]
+        r, status, mean = e.first, e.status, e.mean
+        val = "-" if status in ("crash", "skip") else (f"{mean:.6f}" if mean is not None else "-")
+        runs = "-" if status == "skip" else str(e.runs)
+        desc = e.description[:80]
+        note = " ".join(e.rows[-1].notes.split())[:100]
         if note and status in ("crash", "skip", "discard"):
             desc = f"{desc} [{note}]"
-        out.append(f"{'exp' + str(r.get('exp', '')).removeprefix('exp'):<6} {status:<8} {val:>9} {runs:>4} "
-                   f"{r.get('memory_gb', ''):>7} {r.get('steps', ''):>6}  {desc}")
+        text = r.format()
+        out.append(f"{text['exp']:<6} {status:<8} {val:>9} {runs:>4} {text['memory_gb']:>7} {text['steps']:>6}  {desc}")
     return "\n".join(out)
 
 

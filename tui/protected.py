@@ -8,6 +8,8 @@ import hashlib
 import os
 from pathlib import Path
 
+from tui.atomic import write_atomic
+
 SKIP_DIRS = {"__pycache__", ".pytest_cache"}
 SKIP_SUFFIXES = (".pyc", ".pyo")
 
@@ -51,10 +53,7 @@ class ProtectedFiles:
         for rel in fixed:
             path = self.repo / rel
             if rel in self.snapshot:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(path.name + ".restore.tmp")
-                tmp.write_bytes(self.snapshot[rel])
-                os.replace(tmp, path)
+                write_atomic(path, self.snapshot[rel])
             elif path.exists():
                 path.unlink()
         return fixed

@@ -22,7 +22,7 @@ val_bpb is the mean over the best experiment's runs.
 import math
 import os
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from tui.atomic import write_atomic
@@ -138,6 +138,11 @@ class Row:
                 "seconds": opt(self.seconds, "{:.1f}"), "notes": self.notes, "tag": self.tag,
                 "llm_tokens": opt(self.llm_tokens), "llm_cost": cost, "seed": opt(self.seed), "run": str(self.run),
                 "kind": self.kind}
+
+    def redacted(self, redact) -> "Row":
+        """A copy with redact() applied to every text field (a model or a trainer could echo a key anywhere)."""
+        return replace(self, **{f.name: redact(getattr(self, f.name)) for f in fields(self)
+                                if isinstance(getattr(self, f.name), str)})
 
     @property
     def label(self) -> str:

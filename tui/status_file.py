@@ -2,27 +2,12 @@
 
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 
+from tui.atomic import write_json_atomic
+
 STATUS_NAME = ".runner_status.json"
-
-
-def write_json_atomic(path, data: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".status.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1, default=str)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 class StatusFile:

@@ -121,7 +121,7 @@ def _group_alive(pgid: int) -> bool:
 class TrainingRun:
     def __init__(self, script: str, cwd, log_path=None, deadline: float | None = None, python: str = sys.executable,
                  seed: int | None = None, secrets=(), extra_env: dict | None = None, kill_grace: float = KILL_GRACE,
-                 on_line=None, should_stop=None):
+                 on_line=None, should_stop=None, env: dict | None = None):
         self.script = script
         self.cwd = Path(cwd)
         self.log_path = Path(log_path) if log_path else None
@@ -130,6 +130,7 @@ class TrainingRun:
         self.seed = seed
         self.secrets = tuple(secrets)
         self.extra_env = dict(extra_env or {})
+        self.env = env  # the whole environment (tui.executor.run_env); None: os.environ without secrets
         self.kill_grace = kill_grace
         self.on_line = on_line  # on_line(ParsedLine)
         self.should_stop = should_stop  # should_stop() -> reason str or None, polled while running
@@ -145,7 +146,7 @@ class TrainingRun:
         return self.proc.pid if self.proc else None
 
     def child_env(self) -> dict:
-        env = scrub_env(os.environ, self.secrets)
+        env = dict(self.env) if self.env is not None else scrub_env(os.environ, self.secrets)
         env.update(scrub_env(self.extra_env, self.secrets))
         env["PYTHONUNBUFFERED"] = "1"
         env["PYTHONIOENCODING"] = "utf-8"

@@ -75,8 +75,8 @@ class Recorder(AgentListener):
     def on_experiment_end(self, result):
         self._add("end", result)
 
-    def on_stats(self, stats):
-        self._add("stats", stats)
+    def on_stats(self, summary, usage, extra):
+        self._add("stats", summary, usage, extra)
 
     def on_log(self, level, message):
         self._add("log", level, message)

@@ -4,7 +4,7 @@ val_bpb is a function of the hyperparameter block (best near LEARNING_RATE = 0.0
 improves and a bad one really worsens. MODE makes it crash, hang, diverge, tamper with prepare.py, and so on. Every
 run dumps its environment to runs/env-<pid>.json so tests can check that no secret reached it.
 
-MODE "noisy" adds Gaussian noise (standard deviation FAKE_TRAIN_NOISE, default 0.01) drawn from the seed and the
+MODE "noisy" adds Gaussian noise (standard deviation AUTORESEARCH_FAKE_NOISE, default 0.01) drawn from the seed and the
 script's text: a re-run with another seed, or any edit (even a no-op line), draws new noise, as a real trainer would.
 With SEED_GATES = True in the block, a file runs/slow-seed-<seed> makes the run with that seed slow (for kill
 tests) and runs/crash-seed-<seed> makes it crash.
@@ -89,7 +89,7 @@ val_bpb = 1.0 + 100.0 * (LEARNING_RATE - 0.02) ** 2 + 0.01 * abs(DEPTH - 6)
 if MODE == "noisy":
     with open(__file__, "rb") as f:
         text_id = zlib.crc32(f.read())
-    val_bpb += random.Random(f"{seed}:{text_id}").gauss(0.0, float(os.environ.get("FAKE_TRAIN_NOISE", "0.01")))
+    val_bpb += random.Random(f"{seed}:{text_id}").gauss(0.0, float(os.environ.get("AUTORESEARCH_FAKE_NOISE", "0.01")))
 if MODE == "nanbpb":
     val_bpb = float("nan")
 training_seconds = time.time() - t0

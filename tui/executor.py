@@ -1,0 +1,121 @@
+"""The seam where "run this candidate" happens: Executor.submit(RunSpec) -> RunHandle.
+
+The orchestrator decides what to run and what a result means; an executor only carries a run out. A RunSpec holds
+everything a run needs and nothing more, so the same spec can run as a local subprocess (LocalExecutor, here), in a
+sandbox, or on another machine: the commit and script, the seed, the training budget, the dataset, the deadline,
+where the log goes, and the environment (built from an allow-list: a variable that is not named below never reaches
+a training process, whatever the user's shell holds; secrets are removed even from allowed names).
+
+A RunHandle reports while the run goes on (wait(on_line) calls on_line for every output line, on the caller's thread),
+can be cancelled from any thread (cancel(reason): the run is killed with everything it spawned), and ends in one
+RunOutcome.
+"""
+
+import os
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tui.credentials import scrub_env
+from tui.training_run import KILL_GRACE, RunOutcome, TrainingRun
+
+# Variables a training run may see: the process basics, and the settings of the frameworks and libraries it uses.
+ENV_NAMES = {"PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TERM", "TMPDIR", "TEMP", "TMP", "SHELL",
+             "VIRTUAL_ENV", "PYTHONPATH", "LD_LIBRARY_PATH", "DYLD_LIBRARY_PATH", "XDG_CACHE_HOME",
+             "SYSTEMROOT", "SYSTEMDRIVE", "WINDIR", "COMSPEC", "PATHEXT", "USERPROFILE", "APPDATA", "LOCALAPPDATA",
+             "NUMBER_OF_PROCESSORS", "PROCESSOR_ARCHITECTURE"}
+ENV_PREFIXES = ("AUTORESEARCH_", "LC_", "CUDA_", "NVIDIA_", "HIP_", "ROCR_", "ROCM_", "HSA_", "MLX_", "METAL_", "MTL_",
+                "OMP_", "MKL_", "KMP_", "OPENBLAS_", "GOTO_", "PYTORCH_", "TORCH_", "TORCHINDUCTOR_", "TRITON_",
+                "CUBLAS_", "CUDNN_", "NCCL_")
+
+
+def run_env(environ=None, secrets=(), **settings) -> dict:
+    """The environment of a training run: the allowed variables of `environ` without secrets, plus `settings`."""
+    environ = os.environ if environ is None else environ
+    allowed = {k: v for k, v in environ.items() if k in ENV_NAMES or k.upper().startswith(ENV_PREFIXES)}
+    env = scrub_env(allowed, secrets)
+    env.update({k: str(v) for k, v in settings.items() if v is not None})
+    return env
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    commit: str  # full sha of the commit whose script runs
+    script: str  # path relative to the repository
+    seed: int | None  # AUTORESEARCH_SEED (None: the trainer's default)
+    budget: float  # training seconds the run is allowed
+    dataset: str
+    deadline: float  # wall-clock seconds after which the run is killed (budget + startup and evaluation allowance)
+    log_path: Path
+    env: dict = field(default_factory=dict, hash=False)  # from run_env(): the whole environment of the run
+    python: str = sys.executable
+    label: str = ""  # "exp3" / "exp3 r1", for messages
+
+
+class ExecutorError(RuntimeError):
+    """The executor could not start the run (the message says why)."""
+
+
+class RunHandle:
+    """One submitted run."""
+
+    pid: int | None = None  # the local process, while there is one
+
+    def wait(self, on_line=None) -> RunOutcome:
+        raise NotImplementedError
+
+    def cancel(self, reason: str) -> None:
+        raise NotImplementedError
+
+
+class Executor:
+    def submit(self, spec: RunSpec) -> RunHandle:
+        raise NotImplementedError
+
+
+# ---------------------------------------------------------------------------
+# Local: a subprocess in the repository's working tree
+# ---------------------------------------------------------------------------
+
+
+class LocalRun(RunHandle):
+    def __init__(self, spec: RunSpec, cwd: Path, kill_grace: float):
+        self.spec = spec
+        self._reason: str | None = None
+        self._lock = threading.Lock()
+        self.run = TrainingRun(spec.script, cwd, spec.log_path, deadline=spec.deadline, python=spec.python,
+                               seed=spec.seed, env=spec.env, kill_grace=kill_grace,
+                               should_stop=lambda: self._reason)
+        try:
+            self.pid = self.run.start()
+        except OSError as e:
+            raise ExecutorError(f"cannot start {spec.python} {spec.script}: {e}") from None
+
+    def wait(self, on_line=None) -> RunOutcome:
+        self.run.on_line = on_line
+        try:
+            return self.run.wait()
+        except BaseException:  # a forced exit (second signal) must not leave the trainer running
+            self.run.kill(force=True)
+            raise
+
+    def cancel(self, reason: str) -> None:
+        with self._lock:
+            self._reason = self._reason or reason
+
+    def kill(self) -> None:
+        self.run.kill()
+
+
+class LocalExecutor(Executor):
+    """Runs in the repository itself: the working tree must hold spec.commit's script (the orchestrator commits
+    before it submits)."""
+
+    def __init__(self, repo, kill_grace: float = KILL_GRACE):
+        self.repo = Path(repo)
+        self.kill_grace = kill_grace
+
+    def submit(self, spec: RunSpec) -> LocalRun:
+        spec.log_path.parent.mkdir(parents=True, exist_ok=True)
+        return LocalRun(spec, self.repo, self.kill_grace)

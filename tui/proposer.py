@@ -1,0 +1,126 @@
+"""The LLM side of the loop: the client and its key, the preflight check, one proposal per experiment (with one
+corrective retry for an unusable answer), retries with backoff, and token/cost accounting.
+
+Every call runs interruptibly: a stop, skip or abort command ends the wait for an answer at once (tui.controls).
+The key is known here only to build the client and to redact it (and every secret-named variable's value) from
+anything the loop writes.
+"""
+
+import os
+
+from tui.config import AgentConfig
+from tui.controls import Controls, FatalError, SkipExperiment, StopRequested
+from tui.credentials import CredentialError, Redactor, is_local_url, is_secret_name, resolve_key
+from tui.events import State
+from tui.llm import (Interrupted, LLMError, RetryPolicy, Usage, call_with_retry, make_provider,
+                     run_interruptibly)
+from tui.prompt import AnswerError, PromptContext, apply_proposal, corrective_prompt, parse_answer, system_prompt, \
+    user_prompt
+
+
+class Proposer:
+    def __init__(self, cfg: AgentConfig, controls: Controls, status, log, provider=None):
+        self.cfg = cfg
+        self.controls = controls
+        self.status = status  # status.state, status.message, status.set(state, message)
+        self.log = log  # log(message, level)
+        self.provider = provider  # tests and embedders may pass a ready Provider
+        self.policy = RetryPolicy(cfg.llm_attempts, cfg.backoff_base, cfg.backoff_cap, cfg.retry_after_cap)
+        self.usage = Usage()  # whole session
+        self.secrets: list = []
+        self.redact = Redactor()
+        self.free = False
+        self.credential_source = ""
+        self.last_prompt = ""  # the latest user prompt sent (for the dashboard's detail view)
+
+    def describe(self) -> str:
+        return self.provider.describe() if self.provider else self.cfg.provider
+
+    def connect(self) -> None:
+        """Build the client (key from the environment or the OS store) and prove it works."""
+        cfg = self.cfg
+        env_secrets = [v for k, v in os.environ.items() if is_secret_name(k) and len(v) >= 8]
+        if self.provider is None:
+            try:
+                cred = resolve_key(cfg.provider, cfg.base_url)
+            except CredentialError as e:
+                raise FatalError(str(e)) from None
+            self.credential_source = cred.source
+            self.secrets = [cred.key] if cred.key else []
+            try:
+                self.provider = make_provider(cfg.provider, cfg.model, cred.key, cfg.base_url, cfg.llm_timeout,
+                                              cfg.max_tokens)
+            except Exception as e:
+                raise FatalError(f"cannot set up the {cfg.provider} client: {e}") from None
+        self.secrets = list(dict.fromkeys(self.secrets + env_secrets))
+        self.redact = Redactor(self.secrets)
+        host = cfg.base_url or (os.environ.get("OLLAMA_HOST") or "127.0.0.1:11434" if cfg.provider == "ollama" else "")
+        if host and "://" not in host:
+            host = "http://" + host
+        self.free = cfg.provider in ("ollama", "openai") and is_local_url(host)
+        self.status.set(State.INITIALIZING, f"checking the LLM: {self.describe()}")
+        try:
+            self._with_retry(self.provider.check)
+        except Interrupted:
+            raise StopRequested() from None
+        except LLMError as e:
+            raise FatalError(self._fatal_message(e, during="check")) from None
+        src = f" (key from {self.credential_source})" if self.credential_source else ""
+        self.log(f"LLM: {self.describe()}{src}", "info")
+
+    def propose(self, ctx: PromptContext, usage: Usage):
+        """(Proposal, new script text). Raises SkipExperiment, FatalError, or Interrupted (a command arrived)."""
+        system = system_prompt(ctx.scope, ctx.script_name, ctx.time_budget)
+        self.last_prompt = user_prompt(ctx)
+        messages = [{"role": "user", "content": self.last_prompt}]
+        for attempt in range(2):
+            reply = self._ask(system, messages)
+            usage.add(reply, self.provider.model, self.free)
+            self.usage.add(reply, self.provider.model, self.free)
+            try:
+                proposal = parse_answer(reply.text, ctx.scope)
+                return proposal, apply_proposal(ctx.source, proposal, ctx.scope, ctx.script_name)
+            except AnswerError as e:
+                if attempt == 1:
+                    raise SkipExperiment(f"unusable answer after a corrective retry: {e}") from None
+                self.log(f"exp{ctx.exp}: the answer could not be used ({e}); asking once more", "warning")
+                messages = messages + [{"role": "assistant", "content": reply.text.strip() or "(empty answer)"},
+                                       {"role": "user", "content": corrective_prompt(str(e), ctx.scope)}]
+        raise AssertionError("unreachable")
+
+    def _ask(self, system: str, messages: list):
+        try:
+            return self._with_retry(lambda: self.provider.complete(system, messages))
+        except LLMError as e:
+            if e.kind == "fatal":
+                raise FatalError(self._fatal_message(e, during="experiment")) from None
+            if e.kind == "request":
+                raise SkipExperiment(f"LLM request rejected: {e}") from None
+            raise SkipExperiment(f"LLM unavailable after {self.policy.attempts} attempts: {e}", outage=True) from None
+
+    def _with_retry(self, fn):
+        state = self.status.state
+
+        def attempt():
+            return run_interruptibly(fn, lambda: self.controls.cancel_reason() is not None)
+
+        def on_retry(n, delay, err):
+            self.status.set(State.WAITING, f"LLM {err}: retry {n}/{self.policy.attempts - 1} in {delay:.1f}s")
+
+        def wait(delay):
+            ok = self.controls.wait(delay)
+            self.status.set(state, self.status.message if self.status.state == state else "retrying the LLM call")
+            return ok
+
+        return call_with_retry(attempt, self.policy, wait, on_retry)
+
+    def _fatal_message(self, e: LLMError, during: str) -> str:
+        p, what = self.cfg.provider, self.describe()
+        if e.status in (401, 403) or "authentication" in str(e).lower():
+            return (f"LLM authentication failed for {what}: {e}. Check the key with: uv run dashboard.py --check-key "
+                    f"--provider {p}; store a new one with --setup-key --provider {p}")
+        if e.status == 404:
+            return f"LLM {what}: {e}. Check --model (and --base-url)"
+        if e.kind == "retryable":
+            return f"cannot reach the LLM {what} ({during}): {e}"
+        return f"LLM {what} refused the request ({during}): {e}"

@@ -1,0 +1,209 @@
+"""Starting (or resuming) an agent run: the checks, the lock, the branch, the repair of an interrupted experiment,
+and the facts the loop needs, in this order:
+
+    repository and script -> lock (and the trainer a killed agent left running) -> no foreign uncommitted changes ->
+    the LLM works -> results.tsv -> the branch checked out, the interrupted experiment repaired -> the protected-file
+    snapshot (after the checkout: the branch's own prepare.py is the reference) -> hardware
+
+Every refusal is a FatalError with one line that says what to do; nothing in the repository has changed by then,
+except what the order above has already done on the agent's own branch.
+"""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tui.config import AgentConfig
+from tui.controls import FatalError
+from tui.events import State
+from tui.git_repo import GitError, GitRepo
+from tui.lock import LOCK_NAME, AgentLock, LockHeld
+from tui.parser import parse_output
+from tui.prompt import ScriptError, find_hparams
+from tui.protected import ProtectedFiles
+from tui.results import ResultsFile, Row, rows_for_tag
+from tui.training_run import kill_process_group
+from tui.trial import InFlight, Trial, crash_text
+from tui.workspace import Workspace, experiment_of
+
+
+@dataclass
+class Session:
+    """What startup found and holds: the loop works from this."""
+    script: str
+    lock: AgentLock
+    workspace: Workspace
+    protected: ProtectedFiles
+    rows: list  # results rows of this tag
+    resume: Trial | None = None  # a confirmation cut short by kill -9: continued first
+    last_crash: tuple | None = None  # (exp, text for the prompt)
+    hardware: dict = field(default_factory=dict)
+    backend: str | None = None
+
+
+def open_session(cfg: AgentConfig, git: GitRepo, results: ResultsFile, inflight: InFlight, proposer, status,
+                 log) -> Session:
+    status.set(State.INITIALIZING, f"repository {cfg.repo}, tag {cfg.tag}")
+    if not git.is_repo():
+        raise FatalError(f"{cfg.repo} is not a git repository: run the agent inside your autoresearch checkout")
+    if not git.has_commits():
+        raise FatalError("the repository has no commits yet: commit the training script first")
+    script, backend = resolve_script(cfg)
+    try:
+        lock = AgentLock(cfg.repo / LOCK_NAME).acquire()
+    except LockHeld as e:
+        raise FatalError(str(e)) from None
+    try:
+        return _open(cfg, git, results, inflight, proposer, status, log, script, backend, lock)
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _open(cfg, git, results, inflight, proposer, status, log, script, backend, lock) -> Session:
+    _kill_leftover_trainer(lock.previous, cfg.kill_grace, log)
+    dirty = _foreign_changes(cfg, git, script)
+    if dirty:
+        more = f" and {len(dirty) - 8} more" if len(dirty) > 8 else ""
+        raise FatalError(f"uncommitted changes in tracked files: {', '.join(dirty[:8])}{more}; commit or stash "
+                         f"them first (the agent commits and reverts {script} and touches nothing else)")
+    if not git.is_tracked(script):
+        raise FatalError(f"{script} is not tracked by git: commit it first (git add {script} && git commit)")
+    proposer.connect()
+
+    try:
+        results.ensure()
+        all_rows = results.load()
+    except OSError as e:
+        raise FatalError(f"cannot use the results file {cfg.results}: {e}") from None
+    if results.repaired:
+        log(f"{cfg.results.name}: the last line was incomplete (interrupted write) and was removed", "warning")
+    rows = rows_for_tag(all_rows, cfg.tag)
+
+    ws = Workspace(git, script, cfg.branch, cfg.runs_dir, log)
+    resume, recovered = None, False
+    try:
+        if git.current_branch() == cfg.branch:
+            resume, recovered = recover_interrupted(ws, rows, inflight, log), True
+        if rows and not git.branch_exists(cfg.branch):
+            raise FatalError(f"{cfg.results.name} already has {len(rows)} rows for tag {cfg.tag!r} but "
+                             f"branch {cfg.branch} does not exist: use a new --tag or another --results file")
+        saved = ws.restore_committed()
+        if saved:
+            log(f"{script} had uncommitted changes: saved them to {saved} and restored the committed version "
+                f"(commit your edits first if they should be the baseline)", "warning")
+        created = git.checkout_branch(cfg.branch)
+        if not recovered:
+            resume = recover_interrupted(ws, rows, inflight, log)
+        ws.sync()
+    except GitError as e:
+        raise FatalError(str(e)) from None
+    log(f"{'created' if created else 'on'} branch {cfg.branch} at {git.head(short=True)}", "info")
+    if cfg.scope == "hparams":
+        try:
+            find_hparams((cfg.repo / script).read_text(encoding="utf-8"))
+        except ScriptError as e:
+            raise FatalError(f"{script}: {e}") from None
+    protected = ProtectedFiles(cfg.repo, cfg.protected).take()
+    hardware, backend = _detect_hardware(cfg, backend)
+    return Session(script, lock, ws, protected, rows, resume, _last_crash(cfg, rows), hardware, backend)
+
+
+def resolve_script(cfg: AgentConfig) -> tuple:
+    """(the training script relative to the repository, the detected backend or None)."""
+    script, backend = cfg.script, None
+    if not script:
+        try:
+            import backends
+            backend = backends.detect_backend()
+            script = backends.training_script_for(backend)
+        except ImportError:
+            raise FatalError("cannot detect the backend (the backends package is not importable): pass "
+                             "--script train.py or --script train_mlx.py") from None
+        except Exception as e:  # BackendUnavailable carries a one-line message
+            raise FatalError(str(e)) from None
+    path = Path(script)
+    path = path if path.is_absolute() else cfg.repo / path
+    if not path.is_file():
+        raise FatalError(f"training script {script} not found in {cfg.repo}")
+    try:
+        rel = path.resolve().relative_to(cfg.repo).as_posix()
+    except ValueError:
+        raise FatalError(f"training script {script} is outside the repository {cfg.repo}") from None
+    if any(rel == p or rel.startswith(p.rstrip("/") + "/") for p in cfg.protected):
+        raise FatalError(f"{rel} is a protected file and cannot be the training script")
+    return rel, backend
+
+
+def recover_interrupted(ws: Workspace, rows: list, inflight: InFlight, log) -> Trial | None:
+    """Repair what a kill -9 left (see tui.trial). Returns the trial to continue, if any."""
+    marker = inflight.load()
+    n = experiment_of(ws.git.head_subject())
+    if n is None or any(r.exp == n for r in rows):  # not an experiment, or one with a result: never reverted
+        inflight.drop()
+        return None
+    sha = ws.git.head()
+    if marker is not None and marker.exp == n and marker.commit == sha and marker.values:
+        log(f"exp{n} was interrupted during its confirmation runs: continuing it ({len(marker.values)} "
+            f"run{'s' if len(marker.values) != 1 else ''} done, no new LLM call)", "warning")
+        return marker
+    ws.git.revert_experiment(sha, ws.script, f"exp{n}: revert (interrupted)")
+    inflight.drop()
+    log(f"exp{n} was interrupted before its result was recorded: reverted {ws.script} (commit {sha[:7]}); it runs "
+        f"again", "warning")
+    return None
+
+
+def _rel(cfg: AgentConfig, path: Path) -> str | None:
+    try:
+        return Path(path).resolve().relative_to(cfg.repo).as_posix()
+    except ValueError:
+        return None
+
+
+def _foreign_changes(cfg: AgentConfig, git: GitRepo, script: str) -> list:
+    """Dirty tracked files other than the ones the agent owns (script, results, status, lock, runs/)."""
+    own = {script, LOCK_NAME, _rel(cfg, cfg.results), _rel(cfg, cfg.status_file)}
+    runs = _rel(cfg, cfg.runs_dir)
+    return [f for f in git.dirty_tracked_files()
+            if f not in own and not (runs and (f + "/").startswith(runs + "/"))]
+
+
+def _kill_leftover_trainer(previous: dict, grace: float, log) -> None:
+    """A killed agent may have left its training process group running: end it before training again."""
+    pid = previous.get("training_pid")
+    if not pid:
+        return
+    try:
+        import psutil
+        proc = psutil.Process(int(pid))
+        created = previous.get("training_create_time")
+        if created and abs(proc.create_time() - float(created)) > 1.0:
+            return  # the pid was reused by an unrelated process
+    except Exception:
+        return
+    kill_process_group(int(pid), grace)
+    log(f"killed the training run (pid {pid}) left behind by an agent that did not exit cleanly", "warning")
+
+
+def _last_crash(cfg: AgentConfig, rows: list) -> tuple | None:
+    crashes: list[Row] = [r for r in rows if r.status == "crash"]
+    if not crashes:
+        return None
+    r = crashes[-1]
+    log_path = cfg.runs_dir / f"exp{r.exp}.log"
+    tail = list(parse_output(log_path.read_bytes()).tail) if log_path.is_file() else []
+    return r.exp, crash_text(r.exp, r.description, r.notes, tail)
+
+
+def _detect_hardware(cfg: AgentConfig, backend: str | None) -> tuple:
+    """Hardware facts for the prompt. Detection takes seconds (it imports torch, and on a CPU the first call measures
+    the GEMM peak). It runs before any training on purpose: measured next to a training run, the cached peak would be
+    too low for every later MFU, and the training run would be slowed too."""
+    if cfg.hardware is not None:
+        return dict(cfg.hardware), backend
+    try:
+        import backends
+        hardware = backends.get_hardware_info().to_dict()
+        return hardware, backend or backends.detect_backend()
+    except Exception:
+        return {}, backend

@@ -1,0 +1,90 @@
+"""The agent's branch and training script, written only where the agent expects them to be.
+
+Invariants (each has a test with a real repository):
+- Before every git write (an experiment commit, the soft reset or revert commit that undoes one) the branch must be
+  checked out at the HEAD the agent last saw; otherwise GitMoved stops the loop and nothing is touched. A user who runs
+  `git checkout main` or commits during a run never gets an agent commit or reset on their branch.
+- Before the training script is overwritten (a new experiment's edit, a revert, the startup restore), a working copy
+  that differs from the committed version is saved to runs/rescued-<time>-<script> and named in the log: an edit
+  made while a run trained is never lost.
+- A commit subject "expN: revert (...)" is never taken for an experiment: a revert is never undone.
+"""
+
+import re
+import time
+from pathlib import Path
+
+from tui.atomic import write_atomic
+from tui.git_repo import GitRepo
+
+EXP_SUBJECT_RE = re.compile(r"^exp(\d+):(?! revert \()")
+
+
+def experiment_of(subject: str) -> int | None:
+    """The experiment number of an experiment commit's subject ("exp3: raise lr"); None for anything else."""
+    m = EXP_SUBJECT_RE.match(subject)
+    return int(m.group(1)) if m else None
+
+
+class Workspace:
+    def __init__(self, git: GitRepo, script: str, branch: str, runs_dir: Path, log):
+        self.git = git
+        self.script = script
+        self.branch = branch
+        self.runs_dir = Path(runs_dir)
+        self.log = log  # log(message, level)
+        self.head = ""  # the HEAD the agent expects; set by sync() once the branch is checked out
+
+    @property
+    def path(self) -> Path:
+        return self.git.path / self.script
+
+    def sync(self) -> str:
+        self.head = self.git.head()
+        return self.head
+
+    def rescue(self) -> Path | None:
+        """Save the working copy of the script when it differs from HEAD's; returns where it went."""
+        try:
+            current = self.path.read_bytes()
+        except OSError:
+            return None
+        if current == self.git.show("HEAD", self.script):
+            return None
+        p = Path(self.script)
+        dest = self.runs_dir / f"rescued-{time.strftime('%Y%m%d-%H%M%S')}-{p.name}"
+        n = 1
+        while dest.exists():
+            n += 1
+            dest = dest.with_name(f"rescued-{time.strftime('%Y%m%d-%H%M%S')}-{n}-{p.name}")
+        self.runs_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(dest, current)
+        return dest
+
+    def _rescue_before(self, what: str) -> None:
+        saved = self.rescue()
+        if saved:
+            self.log(f"{self.script} had changes that were not committed: saved them to {saved} before {what}",
+                     "warning")
+
+    def commit_script(self, source: str, message: str) -> str:
+        """Write the new script and commit exactly that file; returns the new HEAD."""
+        self.git.expect(self.branch, self.head)
+        self._rescue_before("writing the next experiment")
+        write_atomic(self.path, source)
+        self.head = self.git.commit_file(self.script, message)
+        return self.head
+
+    def revert(self, sha: str, message: str) -> None:
+        """Undo experiment commit sha for the script (see GitRepo.revert_experiment)."""
+        self.git.expect(self.branch, self.head)
+        self._rescue_before("reverting it")
+        self.git.revert_experiment(sha, self.script, message)
+        self.head = self.git.head()
+
+    def restore_committed(self) -> Path | None:
+        """Startup: put back the committed script when the working copy differs (saved first)."""
+        saved = self.rescue()
+        if saved:
+            self.git.restore_file("HEAD", self.script)
+        return saved
