@@ -322,8 +322,13 @@ def status_lines(state: str, message: str, pause_pending: bool, summary: Summary
     return lines
 
 
-class StatusPanel(Widget):
-    """The agent's state, the tag's totals, best result and noise margin, LLM usage (status_lines)."""
+class StatusPanel(Vertical):
+    """The agent's state, the tag's totals, best result and noise margin, LLM usage (status_lines).
+
+    One Static per line, hidden while it has nothing to say, so that the panel's auto height follows its content.
+    (Textual keeps a widget's cached size until a refresh(layout=True) that finds no layout pending: a single widget
+    re-rendering to another height while one is pending, with a screen layout in between, would keep the old height.
+    A child shown or hidden is always counted.)"""
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
@@ -335,22 +340,32 @@ class StatusPanel(Widget):
         self.pause_pending = False
         self.context = ""  # shown on the bottom border, e.g. "max 100 · scope hparams"
 
+    def compose(self) -> ComposeResult:
+        for _ in range(3):
+            yield Static()
+
+    def on_mount(self) -> None:
+        self.show()
+
     def set_state(self, state: str, message: str = "") -> None:
         self.state, self.message = state, message
         self.border_subtitle = self.context
-        self.refresh(layout=True)
+        self.show()
 
     def set_totals(self, summary: Summary, usage: Usage, extra: dict) -> None:
         self.summary, self.usage, self.extra = summary, usage, extra
-        self.refresh(layout=True)
+        self.show()
 
     def set_pause_pending(self, pending: bool) -> None:
         self.pause_pending = pending
-        self.refresh(layout=True)
+        self.show()
 
-    def render(self):
-        return Group(*status_lines(self.state, self.message, self.pause_pending, self.summary, self.usage,
-                                   self.extra))
+    def show(self) -> None:
+        lines = status_lines(self.state, self.message, self.pause_pending, self.summary, self.usage, self.extra)
+        for i, static in enumerate(self.query_children(Static)):
+            static.display = i < len(lines)
+            if i < len(lines):
+                static.update(lines[i])
 
 
 # ---------------------------------------------------------------------------
