@@ -18,8 +18,8 @@ from fakes.agent import HARDWARE, hp_answer, make_config
 from fakes.repo import agent_repo, git
 from tui.status_file import write_json_atomic
 from tui.app import DashboardApp
-from tui.results import ResultsFile
-from tui.widgets import BpbChart, DetailScreen
+from tui.results import ResultsFile, Row
+from tui.widgets import DetailScreen, val_bpb_series
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "dashboard.py"
@@ -107,22 +107,29 @@ def trainer(tmp_path):
 async def test_single_run_shows_live_metrics_then_the_summary(trainer, tmp_path, monkeypatch):
     monkeypatch.setenv("FAKE_STEPS", "30")
     app = DashboardApp("single", repo=tmp_path, script=str(trainer), clock=CLOCK)
+    screen = app.dashboard
     async with app.run_test(size=(120, 40)) as pilot:
-        await until(pilot, lambda: app.training.last is not None and app.training.last.step >= 3, what="steps")
+        await until(pilot, lambda: screen.training.last is not None and screen.training.last.step >= 3, what="steps")
         live = screen_text(app)
         assert "fake_train.py" in live and "ETA" in live and "loss" in live and "12,345" in live
         assert "backend cpu" in " ".join(live.split())
-        await until(pilot, lambda: app.hw_panel.mem is not None and app.hw_panel.mem.trainer, what="trainer memory")
+        # under the detail view the mode's screen keeps taking the run's messages
+        app.push_screen(DetailScreen("exp1 · keep", "", "", "exp1.log"))
+        seen = screen.training.last.step
+        await until(pilot, lambda: screen.training.last.step > seen + 2, what="steps behind the detail view")
+        app.pop_screen()
+        await until(pilot, lambda: screen.hw_panel.mem is not None and screen.hw_panel.mem.trainer,
+                    what="trainer memory")
         assert "trainer " in screen_text(app) and "not running" not in screen_text(app)
-        await until(pilot, lambda: not app._engine_running, what="the run to end")
+        await until(pilot, lambda: not screen.running, what="the run to end")
         await pilot.pause(0.1)
         done = " ".join(screen_text(app).split())
         for needle in ("fake_train.py DONE", "val_bpb 1.234567", "peak mem 812 MB", "steps 30", "tokens 0.5M",
                        "time 1.5s / 2.0s", "params 6.0M · depth 4", "Fake CPU 9000", "MFU peak 250.0 GFLOP/s"):
             assert needle in done, needle
-        assert "données: café — 你好" in app.activity.history[2] or \
-            any("données: café — 你好" in h for h in app.activity.history)
-        assert "val_bpb: 1.234567" in " ".join(app.activity.history)
+        assert "données: café — 你好" in screen.activity.history[2] or \
+            any("données: café — 你好" in h for h in screen.activity.history)
+        assert "val_bpb: 1.234567" in " ".join(screen.activity.history)
         assert app.query_one("#loss-chart").steps == list(range(30))  # every \r progress line reached the chart
         await pilot.press("q")
         await until_exited(app)
@@ -135,7 +142,7 @@ async def test_single_run_quit_kills_the_training_process_group(trainer, tmp_pat
     monkeypatch.setenv("FAKE_CHILD", "1")
     app = DashboardApp("single", repo=tmp_path, script=str(trainer), clock=CLOCK, memory=False, kill_grace=2.0)
     async with app.run_test(size=(80, 24)) as pilot:
-        await until(pilot, lambda: app.training.last is not None and (tmp_path / "child.pid").exists(),
+        await until(pilot, lambda: app.dashboard.training.last is not None and (tmp_path / "child.pid").exists(),
                     what="training with a child process")
         trainer_pid = int((tmp_path / "trainer.pid").read_text())
         child_pid = int((tmp_path / "child.pid").read_text())
@@ -150,10 +157,10 @@ async def test_single_run_stop_key_ends_the_run(trainer, tmp_path, monkeypatch):
     monkeypatch.setenv("FAKE_STEPS", "2000")
     app = DashboardApp("single", repo=tmp_path, script=str(trainer), clock=CLOCK, memory=False, kill_grace=2.0)
     async with app.run_test(size=(80, 24)) as pilot:
-        await until(pilot, lambda: app.training.last is not None, what="training")
+        await until(pilot, lambda: app.dashboard.training.last is not None, what="training")
         pid = int((tmp_path / "trainer.pid").read_text())
         await pilot.press("s")
-        await until(pilot, lambda: not app._engine_running, what="the run to end")
+        await until(pilot, lambda: not app.dashboard.running, what="the run to end")
         assert gone(pid)
         assert "STOPPED" in screen_text(app)
         await pilot.press("q")
@@ -166,11 +173,11 @@ async def test_single_run_crash_says_why(trainer, tmp_path, monkeypatch):
     monkeypatch.setenv("FAKE_CRASH", "1")
     app = DashboardApp("single", repo=tmp_path, script=str(trainer), clock=CLOCK, memory=False)
     async with app.run_test(size=(80, 24)) as pilot:
-        await until(pilot, lambda: not app._engine_running and app._thread is not None, what="the crash")
+        await until(pilot, lambda: not app.dashboard.running, what="the crash")
         await pilot.pause(0.1)
         text = " ".join(screen_text(app).split())
         assert "fake_train.py CRASHED" in text and "exit code 1: ValueError: shapes" in text
-        assert any("ValueError: shapes (4, 8) and (5, 8) do not match" in h for h in app.activity.history)
+        assert any("ValueError: shapes (4, 8) and (5, 8) do not match" in h for h in app.dashboard.activity.history)
         await pilot.press("q")
         await until_exited(app)
     assert app.return_code == 1 and "ValueError" in app.final_error
@@ -181,9 +188,9 @@ async def test_single_run_crash_says_why(trainer, tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------
 
 
-def row(n, status, val, desc, tag="t1"):
-    return {"exp": f"exp{n}", "status": status, "val_bpb": f"{val:.6f}", "description": desc, "commit": "abc1234",
-            "memory_gb": "0.8", "tok_sec": "4000", "mfu": "1.20", "steps": "5", "seconds": "2.0", "tag": tag}
+def row(n, status, val, desc, tag="t1", run=0):
+    return Row(exp=n, status=status, val_bpb=val, description=desc, commit="abc1234", memory_gb=0.8, tok_sec=4000,
+               mfu=1.2, steps=5, seconds=2.0, tag=tag, run=run)
 
 
 @sync
@@ -194,17 +201,17 @@ async def test_watch_mode_picks_up_new_rows_and_the_newest_log(tmp_path):
     app = DashboardApp("watch", repo=tmp_path, hardware=HARDWARE, memory=False, clock=CLOCK, poll_seconds=0.2)
     async with app.run_test(size=(120, 40)) as pilot:
         await pilot.pause(0.1)
-        assert app.table.row_count == 2 and "lower the learning rate" in screen_text(app)
+        assert app.dashboard.table.row_count == 2 and "lower the learning rate" in screen_text(app)
         rf.append(row(2, "keep", 1.01, "deeper model: depth 6"))  # the agent (another process) appends a row
         t0 = time.monotonic()
-        await until(pilot, lambda: app.table.row_count == 3, timeout=2.0, what="the new row")
+        await until(pilot, lambda: app.dashboard.table.row_count == 3, timeout=2.0, what="the new row")
         assert time.monotonic() - t0 < 2.0
-        assert app.table.selected_row() is not None
-        first = app.table.get_row_at(0)
+        assert app.dashboard.table.selected_row() is not None
+        first = app.dashboard.table.get_row_at(0)
         assert [str(c) for c in first[:3]] == ["exp2", "keep", "1.010000"]  # newest first
         text = screen_text(app)
         assert "deeper model: depth 6" in text and "best 1.010000 (exp2)" in text
-        assert app.query_one("#bpb-chart").series()[0] == [(0, 1.03), (2, 1.01)]
+        assert app.query_one("#bpb-chart").series[0] == [(0, 1.03), (2, 1.01)]
 
         # a headless agent's status file: its keep-rule figures (noise floor) reach the status panel
         write_json_atomic(tmp_path / ".runner_status.json", {"pid": os.getpid(), "alive": True, "tag": "nov23",
@@ -230,9 +237,8 @@ async def test_watch_mode_picks_up_new_rows_and_the_newest_log(tmp_path):
 # ---------------------------------------------------------------------------
 
 
-
 def training_exp(app, n):
-    t = app.training
+    t = app.dashboard.training
     return t.title.startswith(f"exp{n} ") and t.last is not None and t.running
 
 
@@ -248,10 +254,9 @@ async def test_agent_mode_pause_diff_stop_and_quit(tmp_path, server):
         # pause while exp1 trains: it finishes, then the loop waits
         await until(pilot, lambda: training_exp(app, 1), what="exp1 training")
         await pilot.press("p")
-        assert "pausing after this experiment" in screen_text(app)
-        await until(pilot, lambda: app.state == "paused", what="the pause")
-        assert [(r["exp"], r["status"]) for r in ResultsFile(repo / "results.tsv").load()] == \
-            [("exp0", "keep"), ("exp1", "keep")]
+        await until(pilot, lambda: "pausing after this experiment" in screen_text(app), what="the pause notice")
+        await until(pilot, lambda: app.dashboard.state == "paused", what="the pause")
+        assert [(r.exp, r.status) for r in ResultsFile(repo / "results.tsv").load()] == [(0, "keep"), (1, "keep")]
         assert len(server.chat_requests()) == 1  # nothing asked for exp2 while paused
         await until(pilot, lambda: "p Resume" in screen_text(app), what="the footer to offer Resume")
         text = screen_text(app)
@@ -259,8 +264,8 @@ async def test_agent_mode_pause_diff_stop_and_quit(tmp_path, server):
         assert "KEEP 1.020000" in text  # the training panel's verdict
 
         # enter on the newest row: exp1's diff and the tail of its log
-        app.table.focus()
-        app.table.move_cursor(row=0)
+        app.dashboard.table.focus()
+        app.dashboard.table.move_cursor(row=0)
         await pilot.press("enter")
         await until(pilot, lambda: isinstance(app.screen, DetailScreen), what="the detail view")
         detail = app.screen
@@ -274,20 +279,20 @@ async def test_agent_mode_pause_diff_stop_and_quit(tmp_path, server):
         # resume; stop exp2 mid-training with `s`: killed, reverted, recorded as a skip, the loop goes on
         await pilot.press("p")
         await until(pilot, lambda: training_exp(app, 2), what="exp2 training")
-        pid2 = app.training_pid()
+        pid2 = app.dashboard.training_pid()
         await pilot.press("s")
-        await until(pilot, lambda: app.table.row_count == 3, what="the exp2 row")
-        assert ResultsFile(repo / "results.tsv").load()[2]["status"] == "skip"
+        await until(pilot, lambda: app.dashboard.table.row_count == 3, what="the exp2 row")
+        assert ResultsFile(repo / "results.tsv").load()[2].status == "skip"
         assert gone(pid2)
 
         # quit while exp3 trains: the training process group is killed, exp3 reverted, nothing recorded
         await until(pilot, lambda: training_exp(app, 3), what="exp3 training")
-        pid3 = app.training_pid()
+        pid3 = app.dashboard.training_pid()
         assert pid3 and not gone(pid3)
         await pilot.press("q")
         await until_exited(app, timeout=15)
     assert gone(pid3)
-    assert [r["status"] for r in ResultsFile(repo / "results.tsv").load()] == ["keep", "keep", "skip"]
+    assert [r.status for r in ResultsFile(repo / "results.tsv").load()] == ["keep", "keep", "skip"]
     assert git(repo, "log", "--format=%s", "autoresearch/t1").splitlines() == ["exp1: raise LR to 0.02", "initial"]
     assert git(repo, "status", "--porcelain", "--untracked-files=no").strip() == ""
     assert app.return_code == 0
@@ -299,7 +304,7 @@ async def test_agent_mode_shows_a_fatal_error(tmp_path, server):
     (repo / "docs" / "notes.md").write_text("dirty\n")
     app = DashboardApp("agent", agent_config=make_config(repo, server), clock=CLOCK, memory=False)
     async with app.run_test(size=(80, 24)) as pilot:
-        await until(pilot, lambda: not app._engine_running and app._thread is not None, what="the agent to stop")
+        await until(pilot, lambda: not app.dashboard.running, what="the agent to stop")
         await pilot.pause(0.1)
         text = screen_text(app)
         assert "FAILED" in text and "uncommitted changes" in text
@@ -309,11 +314,10 @@ async def test_agent_mode_shows_a_fatal_error(tmp_path, server):
 
 
 def test_val_bpb_chart_has_one_point_per_experiment_and_a_running_best():
-    chart = BpbChart()
-    chart.rows = [row(0, "keep", 1.03, "baseline"), {**row(0, "keep", 1.05, "baseline"), "run": "1"},
-                  row(1, "discard", 1.06, "a"), row(2, "crash", 0.0, "b"), row(3, "keep", 1.02, "c"),
-                  {**row(3, "keep", 1.00, "c"), "run": "1"}, row(4, "skip", 0.0, "d"), row(5, "discard", 1.2, "e")]
-    kept, disc, best = chart.series()
+    rows = [row(0, "keep", 1.03, "baseline"), row(0, "keep", 1.05, "baseline", run=1), row(1, "discard", 1.06, "a"),
+            row(2, "crash", 0.0, "b"), row(3, "keep", 1.02, "c"), row(3, "keep", 1.00, "c", run=1),
+            row(4, "skip", 0.0, "d"), row(5, "discard", 1.2, "e")]
+    kept, disc, best = val_bpb_series(rows)
     assert kept == [(0, pytest.approx(1.04)), (3, pytest.approx(1.01))]  # the mean over an experiment's runs
     assert disc == [(1, 1.06), (5, 1.2)]
     assert best == [(0, pytest.approx(1.04)), (3, pytest.approx(1.04)), (3, pytest.approx(1.01)),

@@ -1,6 +1,7 @@
 """The dashboard's non-screen parts: memory sampling (real process trees), read-only results.tsv, log following, the
 detail view's diff and log tail (real git repos). None of this imports textual."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import psutil
 import pytest
 
 from fakes.repo import git, make_repo
-from tui.results import ResultsFile
+from tui.results import ResultsFile, Row
 from tui.sysmem import MemoryMonitor, parse_nvidia_apps, parse_nvidia_gpus, sample, tree_memory
 from tui.watch import LogFollower, experiment_diff, experiment_log, experiment_ref, log_tail, read_results, signature
 
@@ -85,12 +86,12 @@ def test_nvidia_smi_output_parsing():
 
 def test_results_are_read_without_touching_a_file_being_written(tmp_path):
     rf = ResultsFile(tmp_path / "results.tsv")
-    rf.append({"exp": "exp0", "status": "keep", "val_bpb": "1.030000", "description": "tab\there"})
+    rf.append(Row(exp=0, status="keep", val_bpb=1.03, description="tab\there"))
     with open(rf.path, "ab") as f:
         f.write(b"abc1234\t1.02")  # a row half written by the agent
     before = rf.path.read_bytes()
     rows = read_results(rf.path)
-    assert [(r["exp"], r["description"]) for r in rows] == [("exp0", "tab\there")]
+    assert [(r.exp, r.val_bpb, r.description) for r in rows] == [(0, 1.03, "tab\there")]
     assert rf.path.read_bytes() == before  # ResultsFile.load() would have truncated it
     sig = signature(rf.path)
     with open(rf.path, "ab") as f:
@@ -154,14 +155,14 @@ def test_diff_of_an_experiment_from_its_ref_even_after_revert(tmp_path):
     sha = git(repo, "rev-parse", "HEAD").strip()
     git(repo, "update-ref", "refs/autoresearch/t1/exp2", sha)
     git(repo, "reset", "-q", "--hard", "HEAD^")  # discarded: dropped from the branch
-    row = {"exp": "exp2", "status": "discard", "commit": sha[:7], "tag": "t1", "description": "raise LR", "run": "0"}
+    row = Row(exp=2, status="discard", commit=sha[:7], tag="t1", description="raise LR")
     assert experiment_ref(row) == "refs/autoresearch/t1/exp2"
     diff = experiment_diff(repo, row)
     assert "exp2: raise LR" in diff and "-LR = 0.01" in diff and "+LR = 0.05" in diff
     # no tag (an older file): the commit column is enough
-    assert "+LR = 0.05" in experiment_diff(repo, {**row, "tag": ""})
-    assert "baseline" in experiment_diff(repo, {"exp": "exp0", "status": "keep", "commit": "abc1234"})
-    assert "skipped" in experiment_diff(repo, {"exp": "exp3", "status": "skip", "commit": "-", "notes": "LLM down"})
-    assert "no diff found" in experiment_diff(repo, {"exp": "exp4", "status": "crash", "commit": "deadbee",
-                                                     "tag": "t1"})
-    assert experiment_log(Path("runs"), {"exp": "exp4", "run": "2"}) == Path("runs/exp4-run2.log")
+    assert "+LR = 0.05" in experiment_diff(repo, dataclasses.replace(row, tag=""))
+    assert "baseline" in experiment_diff(repo, Row(exp=0, status="keep", commit="abc1234"))
+    assert "skipped" in experiment_diff(repo, Row(exp=3, status="skip", notes="LLM down"))
+    assert "no diff found" in experiment_diff(repo, Row(exp=4, status="crash", commit="deadbee", tag="t1"))
+    assert experiment_log(Path("runs"), Row(exp=4, run=2)) == Path("runs/exp4-run2.log")
+    assert experiment_log(Path("runs"), Row(exp=4)) == Path("runs/exp4.log")

@@ -1,7 +1,7 @@
 """Layout snapshots at 120x40 and 80x24 (pytest-textual-snapshot): nothing may overflow on a small terminal.
 
-The app runs without its engine (autostart=False) and is fed fixed events through the same message path the engine
-uses, with a fixed clock, hardware and memory sample: no pids, paths or times reach the screen.
+The app runs without its engine (autostart=False) and its mode's screen is fed fixed messages, the ones the engine
+posts, with a fixed clock, hardware and memory sample: no pids, paths or times reach the screen.
 Regenerate after an intended change with: uv run pytest tests/test_dashboard_snapshots.py --snapshot-update
 """
 
@@ -9,9 +9,12 @@ import pytest
 
 from tui.app import DashboardApp
 from tui.config import AgentConfig
-from tui.events import ExperimentInfo, Stats
-from tui.parser import FinalMetrics, ParsedLine, StepMetrics
-from tui.results import ResultsFile
+from tui.events import ExperimentInfo
+from tui.llm import Usage
+from tui.messages import (ExperimentStarted, LogMessage, MemorySampled, OutputLine, RunDone, RunStarted, StateChanged,
+                          StatsChanged, Step)
+from tui.parser import FinalMetrics, StepMetrics
+from tui.results import ResultsFile, Row, Summary
 from tui.sysmem import MemorySample
 from tui.training_run import RunOutcome
 from tui.widgets import DetailScreen
@@ -42,9 +45,8 @@ def results(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     rf = ResultsFile(tmp_path / "results.tsv")
     for i, (status, val, desc) in enumerate(ROWS):
-        rf.append({"commit": f"{i:07x}", "val_bpb": f"{val:.6f}", "memory_gb": "12.3" if val else "0.0",
-                   "status": status, "description": desc, "exp": f"exp{i}", "tok_sec": "1663000", "mfu": "38.10",
-                   "steps": "953", "seconds": "318.4", "tag": "t1"})
+        rf.append(Row(commit=f"{i:07x}", val_bpb=val, memory_gb=12.3 if val else 0.0, status=status,
+                      description=desc, exp=i, tok_sec=1663000, mfu=38.10, steps=953, seconds=318.4, tag="t1"))
     return tmp_path
 
 
@@ -61,22 +63,22 @@ def agent_app(repo):
 
 
 async def feed_agent(pilot):
-    app = pilot.app
-    app._engine_running = True  # as if the orchestrator were running: its keys are live
-    post = app._post
-    post("memory", MEMORY)
-    post("state", "thinking", "exp7: asking anthropic (claude-sonnet-4-6)")
-    post("experiment_start", ExperimentInfo(7, "lower the embedding LR to 0.4", "Embeddings are overfitting early.",
-                                            "abc1234"))
-    post("state", "training", "exp7: lower the embedding LR to 0.4")
-    post("output", "Backend: mlx (MLX 0.30, gpu, bf16, mx.compile)")
-    post("output", "Chip: Apple M3 Max | peak 14.20 TFLOPS for MFU (table)")
+    screen = pilot.app.dashboard
+    screen.running = True  # as if the orchestrator were running: its keys are live
+    post = screen.post
+    post(MemorySampled(MEMORY))
+    post(StateChanged("thinking", "exp7: asking anthropic (claude-sonnet-4-6)"))
+    post(ExperimentStarted(ExperimentInfo(7, "lower the embedding LR to 0.4", "Embeddings are overfitting early.",
+                                          "abc1234")))
+    post(StateChanged("training", "exp7: lower the embedding LR to 0.4"))
+    post(OutputLine("Backend: mlx (MLX 0.30, gpu, bf16, mx.compile)"))
+    post(OutputLine("Chip: Apple M3 Max | peak 14.20 TFLOPS for MFU (table)"))
     for sm in steps(410):
-        post("step", sm)
-    post("stats", Stats(runs=7, kept=4, discarded=2, crashed=1, best_val_bpb=1.01, best_exp=6, llm_calls=6,
-                        input_tokens=41200, output_tokens=5300, cost_usd=0.2031,
-                        extra={"noise σ": "0.0120", "margin": "0.0170", "plateau": "3/15"}))
-    post("log", "warning", "exp3 crashed: out of memory (depth 12); reverted")
+        post(Step(sm))
+    post(StatsChanged(Summary(runs=7, kept=4, discarded=2, crashed=1, best_val_bpb=1.01, best_exp=6),
+                      Usage(input_tokens=41200, output_tokens=5300, cost_usd=0.2031, calls=6),
+                      {"noise σ": "0.0120", "margin": "0.0170", "plateau": "3/15"}))
+    post(LogMessage("warning", "exp3 crashed: out of memory (depth 12); reverted"))
     await pilot.pause(0.3)
 
 
@@ -86,17 +88,17 @@ def test_agent_training(snap_compare, results, size):
 
 
 async def feed_single(pilot):
-    post = pilot.app._post
-    post("memory", MEMORY)
-    post("run_start", 4242)
-    post("line", ParsedLine("Backend: mlx (MLX 0.30, gpu, bf16, mx.compile)"))
-    post("line", ParsedLine("Chip: Apple M3 Max | peak 14.20 TFLOPS for MFU (table)"))
-    post("line", ParsedLine("données: café — 你好"))
+    post = pilot.app.dashboard.post
+    post(MemorySampled(MEMORY))
+    post(RunStarted(4242))
+    post(OutputLine("Backend: mlx (MLX 0.30, gpu, bf16, mx.compile)"))
+    post(OutputLine("Chip: Apple M3 Max | peak 14.20 TFLOPS for MFU (table)"))
+    post(OutputLine("données: café — 你好"))
     for sm in steps(953):
-        post("line", ParsedLine("", sm))
-    post("line", ParsedLine("---"))
-    post("run_done", RunOutcome(returncode=0, final=FINAL, failed=False, timed_out=False, stopped=None,
-                                seconds=318.4, log_path=None), None)
+        post(Step(sm))
+    post(OutputLine("---"))
+    post(RunDone(RunOutcome(returncode=0, final=FINAL, failed=False, timed_out=False, stopped=None, seconds=318.4,
+                            log_path=None)))
     await pilot.pause(0.3)
 
 
@@ -108,7 +110,7 @@ def test_single_run_done(snap_compare, results, size):
 
 
 async def watch_charts(pilot):
-    pilot.app._post("memory", MEMORY)
+    pilot.app.dashboard.post(MemorySampled(MEMORY))
     await pilot.press("v")
     await pilot.pause(0.2)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tui.git_repo import REF_NAMESPACE, GitError, GitRepo
 from tui.parser import OutputParser, parse_step
-from tui.results import ResultsFile, exp_number
+from tui.results import NO_COMMIT, ResultsFile, Row
 
 LOG_NAME_RE = re.compile(r"^exp(\d+)(?:-run(\d+))?\.log$")
 TAIL_LINES = 40
@@ -32,8 +32,8 @@ def signature(path) -> tuple | None:
     return st.st_mtime_ns, st.st_size, st.st_ino
 
 
-def read_results(path) -> list[dict]:
-    """Rows of results.tsv as dicts keyed by its header; an unterminated last line (a write in progress) is ignored."""
+def read_results(path) -> list[Row]:
+    """The rows of results.tsv; an unterminated last line (a write in progress) is ignored."""
     try:
         return ResultsFile(Path(path)).load()
     except OSError:
@@ -123,28 +123,24 @@ def log_tail(path, lines: int = TAIL_LINES) -> str:
     return "\n".join(out[-lines:])
 
 
-def experiment_ref(row: dict) -> str | None:
+def experiment_ref(row: Row) -> str | None:
     """The git ref of a results row: refs/autoresearch/<tag>/expN when the row has a tag (every run of an experiment
     is the same commit), else its commit column."""
-    n = exp_number(row.get("exp"))
-    tag = (row.get("tag") or "").strip()
-    if n is not None and tag:
-        return f"{REF_NAMESPACE}/{tag}/exp{n}"
-    commit = (row.get("commit") or "").strip()
-    return commit if commit and commit != "-" else None
+    if row.exp is not None and row.tag:
+        return f"{REF_NAMESPACE}/{row.tag}/exp{row.exp}"
+    return None if row.commit == NO_COMMIT else row.commit
 
 
-def experiment_diff(repo, row: dict) -> str:
+def experiment_diff(repo, row: Row) -> str:
     """What an experiment changed, as `git show` prints it; a sentence when there is nothing to show."""
-    n = exp_number(row.get("exp"))
-    if n == 0 or row.get("description") == "baseline":
-        return f"exp0 is the baseline: the unmodified training script at commit {row.get('commit') or '?'}."
-    if (row.get("commit") or "-") == "-" and row.get("status") == "skip":
-        return f"exp{n} was skipped before anything was committed ({row.get('notes') or 'no notes'})."
+    if row.exp == 0 or row.description == "baseline":
+        commit = "?" if row.commit == NO_COMMIT else row.commit
+        return f"exp0 is the baseline: the unmodified training script at commit {commit}."
+    if row.commit == NO_COMMIT and row.status == "skip":
+        return f"exp{row.exp} was skipped before anything was committed ({row.notes or 'no notes'})."
     git = GitRepo(repo)
-    candidates = [experiment_ref(row), (row.get("commit") or "").strip()]
     errors = []
-    for rev in dict.fromkeys(c for c in candidates if c and c != "-"):
+    for rev in dict.fromkeys(c for c in (experiment_ref(row), row.commit) if c and c != NO_COMMIT):
         try:
             if rev.startswith(REF_NAMESPACE) and not git.ok("rev-parse", "--verify", "-q", rev):
                 continue
@@ -155,11 +151,8 @@ def experiment_diff(repo, row: dict) -> str:
                                                    f" (no ref {experiment_ref(row)} and no commit recorded)")
 
 
-def experiment_log(runs_dir, row: dict) -> Path | None:
-    n = exp_number(row.get("exp"))
-    if n is None:
+def experiment_log(runs_dir, row: Row) -> Path | None:
+    if row.exp is None:
         return None
-    run = (row.get("run") or "").strip()
-    name = f"exp{n}-run{run}.log" if run.isdigit() and int(run) > 0 else f"exp{n}.log"
+    name = f"exp{row.exp}-run{row.run}.log" if row.run > 0 else f"exp{row.exp}.log"
     return Path(runs_dir) / name
-

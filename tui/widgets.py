@@ -1,7 +1,8 @@
 """The dashboard's panels: training, hardware, loop status, experiments table, charts, activity log, detail view.
 
-Each panel keeps its own small state and renders it; tui/app.py feeds them events. Rendering depends only on that
-state (no clocks, pids or paths unless given), so the layout snapshots are deterministic.
+Each panel keeps its own small state and renders it; the mode screens (tui/modes.py) set it. Rendering depends only
+on that state (no clocks, pids or paths unless given), so the layout snapshots are deterministic. What a panel shows
+is computed by plain functions (status_lines, val_bpb_series, table_cells) that know nothing of Textual.
 """
 
 import math
@@ -18,8 +19,9 @@ from textual.widget import Widget
 from textual.widgets import DataTable, RichLog, Static
 from textual_plotext import PlotextPlot
 
+from tui.llm import Usage, format_cost
 from tui.parser import FinalMetrics, StepMetrics
-from tui.results import as_float, exp_number
+from tui.results import Row, Summary, group_experiments
 
 MAX_CHART_POINTS = 1500  # the loss curve is thinned beyond this (a terminal has far fewer columns anyway)
 LOG_LINES = 2000
@@ -107,10 +109,10 @@ def pairs_grid(rows) -> Table:
     return grid
 
 
-def status_style(row: dict) -> str:
-    if exp_number(row.get("exp")) == 0 and row.get("status") == "keep":
+def status_style(row: Row) -> str:
+    if row.exp == 0 and row.status == "keep":
         return BASELINE_STYLE
-    return STATUS_STYLES.get(row.get("status", ""), "")
+    return STATUS_STYLES.get(row.status, "")
 
 
 # ---------------------------------------------------------------------------
@@ -285,65 +287,85 @@ class HardwarePanel(Widget):
 # ---------------------------------------------------------------------------
 
 
-class StatusPanel(Widget):
-    """The agent's state, the tag's totals, best result and noise margin, LLM usage."""
+def status_lines(state: str, message: str, pause_pending: bool, summary: Summary | None, usage: Usage,
+                 extra: dict) -> list[Text]:
+    """The loop status panel's lines: the state; the tag's totals and best; the keep rule's figures and LLM usage."""
+    icon, style = STATE_ICONS.get(state, ("•", ""))
+    pausing = ("pausing after this experiment · ", "bold yellow") if pause_pending and \
+        state not in ("paused", "stopped", "failed") else ""
+    lines = [line((f"{icon} {state.upper()}", f"bold {style}"), "  ", pausing, message)]
+    if summary is None:
+        return lines
+    best = "-" if summary.best_val_bpb is None else f"{summary.best_val_bpb:.6f}"
+    if summary.best_exp is not None:
+        best += f" (exp{summary.best_exp})"
+    t = Text.assemble(("runs ", "dim"), str(summary.runs), ("  kept ", "dim"), (str(summary.kept), "green"),
+                      ("  discarded ", "dim"), (str(summary.discarded), "red"))
+    if summary.crashed:  # zero counts are left out so the line fits 80 columns
+        t.append_text(Text.assemble(("  crashed ", "dim"), (str(summary.crashed), "magenta")))
+    if summary.skipped:
+        t.append_text(Text.assemble(("  skipped ", "dim"), str(summary.skipped)))
+    t.append_text(Text.assemble(("  best ", "dim"), (best, "bold green")))
+    lines.append(t)
+    u = Text()  # the keep rule's figures, then the LLM's bill
+    for key, value in extra.items():
+        shown = f"{value:.4g}" if isinstance(value, float) else str(value)
+        u.append_text(Text.assemble((f"{key} ", "dim"), shown, "  "))
+    if usage.calls or usage.tokens:
+        u.append_text(Text.assemble(("LLM ", "dim"), f"{usage.tokens:,} tokens", ("  cost ", "dim"),
+                                    format_cost(usage.cost_usd)))
+    elif state != "watching":
+        u.append("LLM no calls yet", style="dim")
+    u.rstrip()
+    if u.plain:
+        lines.append(u)
+    return lines
+
+
+class StatusPanel(Vertical):
+    """The agent's state, the tag's totals, best result and noise margin, LLM usage (status_lines).
+
+    One Static per line, hidden while it has nothing to say, so that the panel's auto height follows its content.
+    (Textual keeps a widget's cached size until a refresh(layout=True) that finds no layout pending: a single widget
+    re-rendering to another height while one is pending, with a screen layout in between, would keep the old height.
+    A child shown or hidden is always counted.)"""
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self.state = "idle"
         self.message = ""
-        self.stats = None  # tui.events.Stats
+        self.summary: Summary | None = None  # the tag's totals
+        self.usage = Usage()  # LLM calls, tokens and cost
+        self.extra: dict = {}  # the keep rule's figures (noise floor, margin, plateau)
         self.pause_pending = False
         self.context = ""  # shown on the bottom border, e.g. "max 100 · scope hparams"
+
+    def compose(self) -> ComposeResult:
+        for _ in range(3):
+            yield Static()
+
+    def on_mount(self) -> None:
+        self.show()
 
     def set_state(self, state: str, message: str = "") -> None:
         self.state, self.message = state, message
         self.border_subtitle = self.context
-        self.refresh(layout=True)
+        self.show()
 
-    def set_stats(self, stats) -> None:
-        self.stats = stats
-        self.refresh(layout=True)
+    def set_totals(self, summary: Summary, usage: Usage, extra: dict) -> None:
+        self.summary, self.usage, self.extra = summary, usage, extra
+        self.show()
 
     def set_pause_pending(self, pending: bool) -> None:
         self.pause_pending = pending
-        self.refresh(layout=True)
+        self.show()
 
-    def render(self):
-        icon, style = STATE_ICONS.get(self.state, ("•", ""))
-        first = line((f"{icon} {self.state.upper()}", f"bold {style}"), "  ", self.message)
-        if self.pause_pending and self.state not in ("paused", "stopped", "failed"):
-            first = line((f"{icon} {self.state.upper()}", f"bold {style}"), "  ",
-                         ("pausing after this experiment · ", "bold yellow"), self.message)
-        lines = [first]
-        st = self.stats
-        if st is not None:
-            best = "-" if st.best_val_bpb is None else f"{st.best_val_bpb:.6f}"
-            if st.best_exp is not None:
-                best += f" (exp{st.best_exp})"
-            t = Text.assemble(("runs ", "dim"), str(st.runs), ("  kept ", "dim"), (str(st.kept), "green"),
-                              ("  discarded ", "dim"), (str(st.discarded), "red"))
-            if st.crashed:  # zero counts are left out so the line fits 80 columns
-                t.append_text(Text.assemble(("  crashed ", "dim"), (str(st.crashed), "magenta")))
-            if st.skipped:
-                t.append_text(Text.assemble(("  skipped ", "dim"), str(st.skipped)))
-            t.append_text(Text.assemble(("  best ", "dim"), (best, "bold green")))
-            lines.append(t)
-            # the keep rule's figures (noise floor, margin, plateau: Stats.extra), then the LLM's bill
-            u = Text()
-            for key, value in (st.extra or {}).items():
-                shown = f"{value:.4g}" if isinstance(value, float) else str(value)
-                u.append_text(Text.assemble((f"{key} ", "dim"), shown, "  "))
-            if st.llm_calls or st.input_tokens or st.output_tokens:
-                cost = "unknown" if st.cost_usd is None else f"${st.cost_usd:.4f}"
-                u.append_text(Text.assemble(("LLM ", "dim"), f"{st.input_tokens + st.output_tokens:,} tokens",
-                                            ("  cost ", "dim"), cost))
-            elif self.state != "watching":
-                u.append("LLM no calls yet", style="dim")
-            u.rstrip()
-            if u.plain:
-                lines.append(u)
-        return Group(*lines)
+    def show(self) -> None:
+        lines = status_lines(self.state, self.message, self.pause_pending, self.summary, self.usage, self.extra)
+        for i, static in enumerate(self.query_children(Static)):
+            static.display = i < len(lines)
+            if i < len(lines):
+                static.update(lines[i])
 
 
 # ---------------------------------------------------------------------------
@@ -403,55 +425,49 @@ class LossChart(PlotextPlot):
         self.refresh()
 
 
+def val_bpb_series(rows: list[Row]):
+    """upstream's progress chart as (kept [(exp, val)], discarded [(exp, val)], the running best as a step line
+    [(exp, val)]). An experiment with several runs (confirmation or noise-floor runs) is one point: the mean of its
+    scored runs; its first row's status says whether it was kept."""
+    kept, disc, best_line, best = [], [], [], None
+    experiments = [e for e in group_experiments(rows) if e.exp is not None and e.mean is not None]
+    for e in sorted(experiments, key=lambda e: e.exp):
+        if e.status not in ("keep", "discard"):
+            continue
+        n, val = e.exp, e.mean
+        (kept if e.status == "keep" else disc).append((n, val))
+        if e.status == "keep" and (best is None or val < best):
+            if best is not None:
+                best_line.append((n, best))  # the step down happens at this experiment
+            best = val
+            best_line.append((n, best))
+    if best_line and (kept or disc):
+        last = max(x for x, _ in kept + disc)
+        if last > best_line[-1][0]:
+            best_line.append((last, best))
+    return kept, disc, best_line
+
+
 class BpbChart(PlotextPlot):
-    """val_bpb per experiment (kept and discarded) with the running best: upstream's progress chart."""
+    """val_bpb per experiment (kept and discarded) with the running best."""
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        self.rows: list = []
+        self.series = ([], [], [])  # val_bpb_series of the rows shown
 
     def on_mount(self) -> None:
         super().on_mount()
         self.replot()
 
-    def set_rows(self, rows: list) -> None:
-        self.rows = list(rows)
+    def set_rows(self, rows: list[Row]) -> None:
+        self.series = val_bpb_series(rows)
         self.replot()
-
-    def series(self):
-        """(kept [(exp, val)], discarded [(exp, val)], running best as a step line [(exp, val)]). An experiment
-        with several runs (confirmation or noise-floor runs) is one point: the mean of its runs."""
-        runs: dict = {}  # exp -> (status of its first row, [val_bpb of scored runs])
-        for r in self.rows:
-            n, val = exp_number(r.get("exp")), as_float(r.get("val_bpb"))
-            if n is None:
-                continue
-            status, vals = runs.setdefault(n, (r.get("status"), []))
-            if val is not None and val > 0 and r.get("status") in ("keep", "discard"):
-                vals.append(val)
-        kept, disc, best_line, best = [], [], [], None
-        for n in sorted(runs):
-            status, vals = runs[n]
-            if status not in ("keep", "discard") or not vals:
-                continue
-            val = sum(vals) / len(vals)
-            (kept if status == "keep" else disc).append((n, val))
-            if status == "keep" and (best is None or val < best):
-                if best is not None:
-                    best_line.append((n, best))  # the step down happens at this experiment
-                best = val
-                best_line.append((n, best))
-        if best_line and (kept or disc):
-            last = max(x for x, _ in kept + disc)
-            if last > best_line[-1][0]:
-                best_line.append((last, best))
-        return kept, disc, best_line
 
     def replot(self) -> None:
         plt = self.plt
         plt.clear_data()
         plt.clear_figure()
-        kept, disc, best_line = self.series()
+        kept, disc, best_line = self.series
         self.border_title = "val_bpb per experiment"
         best = min(kept, key=lambda p: p[1]) if kept else None
         self.border_subtitle = (f"best {best[1]:.6f} (exp{best[0]}) · ● kept x discarded" if best else
@@ -491,7 +507,7 @@ class ExperimentsTable(DataTable):
         for name in self.COLUMNS:
             self.add_column(name, key=name)
 
-    def load(self, rows: list) -> None:
+    def load(self, rows: list[Row]) -> None:
         selected = None
         if self.row_count:
             try:
@@ -502,27 +518,16 @@ class ExperimentsTable(DataTable):
         self.rows_by_key = {}
         for i in range(len(rows) - 1, -1, -1):
             r = rows[i]
-            style = status_style(r)
             key = str(i)
             self.rows_by_key[key] = r
-            val = as_float(r.get("val_bpb"))
-            val_text = f"{val:.6f}" if val and r.get("status") in ("keep", "discard") else "-"
-            desc = " ".join(str(r.get("description", "")).split())
-            if len(desc) > DESCRIPTION_CHARS:
-                desc = desc[:DESCRIPTION_CHARS - 1] + "…"
-            run = (r.get("run") or "").strip()
-            exp = r.get("exp", "") + (f" r{run}" if run.isdigit() and int(run) > 0 else "")
-            cells = [exp, r.get("status", ""), val_text, desc, _blank_zero(r.get("memory_gb")),
-                     _thousands(r.get("tok_sec")), r.get("mfu", ""), r.get("steps", ""),
-                     fmt_duration(as_float(r.get("seconds"))) if as_float(r.get("seconds")) is not None else ""]
-            texts = [Text(str(c), style=style) for c in cells]
-            if r.get("status") == "keep":
+            texts = [Text(c, style=status_style(r)) for c in table_cells(r)]
+            if r.status == "keep":
                 texts[2].stylize("bold")
             self.add_row(*texts, key=key)
         if selected in self.rows_by_key:
             self.move_cursor(row=self.get_row_index(selected), animate=False)
 
-    def selected_row(self) -> dict | None:
+    def selected_row(self) -> Row | None:
         if not self.row_count:
             return None
         try:
@@ -532,14 +537,15 @@ class ExperimentsTable(DataTable):
         return self.rows_by_key.get(key)
 
 
-def _blank_zero(text) -> str:
-    x = as_float(text)
-    return "" if x is None or x == 0 else str(text)
-
-
-def _thousands(text) -> str:
-    x = as_float(text)
-    return "" if x is None else f"{x:,.0f}"
+def table_cells(r: Row) -> list[str]:
+    """One results row as the table's columns (ExperimentsTable.COLUMNS); unknown figures stay blank."""
+    desc = " ".join(r.description.split())
+    if len(desc) > DESCRIPTION_CHARS:
+        desc = desc[:DESCRIPTION_CHARS - 1] + "…"
+    blank = lambda x, spec: "" if x is None else format(x, spec)  # noqa: E731
+    return [r.label, r.status, f"{r.val_bpb:.6f}" if r.scored else "-", desc,
+            f"{r.memory_gb:.1f}" if r.memory_gb else "", blank(r.tok_sec, ","), blank(r.mfu, ".2f"),
+            blank(r.steps, "d"), "" if r.seconds is None else fmt_duration(r.seconds)]
 
 
 # ---------------------------------------------------------------------------
