@@ -13,11 +13,11 @@ import getpass
 import os
 import sys
 
+from tui.llm import PROVIDERS
+
 # ---------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------
-
-PROVIDERS = ("anthropic", "openai", "openrouter", "ollama")
 
 EPILOG = """\
 screen (single run, --watch, --agent):

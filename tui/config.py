@@ -7,9 +7,9 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from tui.credentials import PROVIDERS
 from tui.decision import KEEP_RULES
 from tui.git_repo import validate_tag
+from tui.llm import PROVIDERS
 from tui.prompt import SCOPES
 
 DEFAULT_TIME_BUDGET = 300.0
