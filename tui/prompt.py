@@ -7,6 +7,9 @@ scope "file": the model sees the whole training script and answers DESCRIPTION /
 SEARCH/REPLACE blocks; each SEARCH text must occur exactly once.
 Anything wrong raises AnswerError with a message written for the model: the orchestrator sends it back once as a
 corrective retry.
+
+Parsing is linear in the answer's length (no pattern lets whitespace run across lines from every line start), and
+answers and edited scripts have size caps, so a runaway reply cannot stall the loop.
 """
 
 import ast
@@ -26,11 +29,16 @@ SEARCH_RE = re.compile(r"^\s*<{5,9}\s*SEARCH\s*$")
 DIVIDER_RE = re.compile(r"^\s*={5,9}\s*$")
 REPLACE_RE = re.compile(r"^\s*>{5,9}\s*REPLACE\s*$")
 FENCE_RE = re.compile(r"^\s*(```|~~~)")
-FIELD_RE = r"^[\s*#>_]*{name}[\s*_]*:[\s*_]*"  # tolerates **DESCRIPTION:** and ## REASONING:
+# tolerates **DESCRIPTION:** and ## REASONING:; the prefix stays on its line ([^\S\n] is whitespace but a newline)
+FIELD_RE = r"^(?:[^\S\n]|[*#>_])*{name}[\s*_]*:[\s*_]*"
+REASONING_END_RE = re.compile(r"^[^\S\n]*(<{5,9}\s*SEARCH|```|~~~)", re.MULTILINE)
 
 SCOPES = ("hparams", "file")
 CRASH_TAIL_CHARS = 3000
 DESCRIPTION_MAX = 200
+MAX_REPLY_CHARS = 256 * 1024  # a real answer is a few KB; max_tokens 4096 is about 16 KB
+MAX_SCRIPT_GROWTH = 4  # an edited script may be at most this many times the current one ...
+MIN_SCRIPT_CAP = 64 * 1024  # ... or this many characters, whichever is more (the file scope sends it every prompt)
 
 FORMAT_HPARAMS = """DESCRIPTION: <one line, under 80 characters, saying what you changed>
 REASONING: <2-3 sentences: why you expect this to lower val_bpb>
@@ -159,13 +167,15 @@ def _strip_fences(text: str) -> str:
 def parse_edits(text: str) -> list:
     edits, mode, search, replace = [], None, [], []
     for line in text.split("\n"):
+        if mode is None and not line.strip():
+            continue  # blank lines between blocks change nothing (and are most of a runaway reply)
         if SEARCH_RE.match(line):
             if mode is not None:
                 raise AnswerError("a SEARCH block was opened before the previous one was closed with '>>>>>>> REPLACE'")
             mode, search, replace = "search", [], []
-        elif DIVIDER_RE.match(line) and mode == "search":
+        elif mode == "search" and DIVIDER_RE.match(line):
             mode = "replace"
-        elif REPLACE_RE.match(line) and mode == "replace":
+        elif mode == "replace" and REPLACE_RE.match(line):
             edits.append(("\n".join(search), "\n".join(replace)))
             mode = None
         elif mode == "search":
@@ -178,7 +188,11 @@ def parse_edits(text: str) -> list:
 
 
 def parse_answer(text: str, scope: str) -> Proposal:
-    text = (text or "").replace("\r\n", "\n")
+    text = text or ""
+    if len(text) > MAX_REPLY_CHARS:
+        raise AnswerError(f"the answer is {len(text):,} characters, over the {MAX_REPLY_CHARS:,} allowed: send only "
+                          f"DESCRIPTION, REASONING and the edit")
+    text = text.replace("\r\n", "\n")
     if not text.strip():
         raise AnswerError("the answer was empty")
     d = _field(text, "DESCRIPTION")
@@ -204,7 +218,7 @@ def parse_answer(text: str, scope: str) -> Proposal:
     reasoning = ""
     if r:
         rest = text[r.end():]
-        stop = re.search(r"^\s*(<{5,9}\s*SEARCH|```|~~~)", rest, re.MULTILINE)
+        stop = REASONING_END_RE.search(rest)
         reasoning = (rest[:stop.start()] if stop else rest).strip()
     return Proposal(description, reasoning, edits=edits)
 
@@ -236,6 +250,10 @@ def apply_proposal(source: str, proposal: Proposal, scope: str, filename: str = 
         new = replace_hparams(source, proposal.code or "")
     else:
         new = apply_edits(source, proposal.edits)
+    cap = max(MAX_SCRIPT_GROWTH * len(source), MIN_SCRIPT_CAP)
+    if len(new) > cap:
+        raise AnswerError(f"the edited script would be {len(new):,} characters, over the limit of {cap:,}: make a "
+                          f"smaller change")
     if new == source:
         raise AnswerError("the edit changes nothing: propose an actual change")
     try:
