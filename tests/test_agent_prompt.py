@@ -154,6 +154,29 @@ def test_an_edit_that_balloons_the_script_is_refused():
     assert "PAD_9 = 9" in apply(file_answer([("DEPTH = 4", "DEPTH = 5\n" + padding[:2000])]), "file")
 
 
+@pytest.mark.parametrize("label", ["prepare.py\n", "File: prepare.py\n", "**File:** `prepare.py`\n",
+                                   "In prepare.py:\n", "### prepare.py\n\n", "```python prepare.py\n",
+                                   "I also change how the tokenizer is loaded in prepare.py:\n```python\n",
+                                   "# prepare.py\n"])
+def test_file_scope_edits_labelled_with_another_file_are_refused(label):
+    # DEPTH = 4 occurs in the training script too: today's rule (SEARCH must match) alone would apply it there
+    text = f"DESCRIPTION: deeper\nREASONING: more capacity\n{label}{BLOCK}" + ("```\n" if "```" in label else "")
+    with pytest.raises(AnswerError, match=r"you may only edit train.py; prepare.py is read-only"):
+        apply(text, "file")
+    second_block_only = f"DESCRIPTION: deeper\nREASONING: r\n{BLOCK}{label}" + BLOCK.replace("5", "6")
+    with pytest.raises(AnswerError, match="prepare.py is read-only"):
+        apply_proposal(SOURCE, parse_answer(second_block_only, "file"), "file", "train.py")
+
+
+@pytest.mark.parametrize("label", ["train.py\n", "File: `train.py`\n", "```python train.py\n", "```python\n",
+                                   "This keeps the data pipeline of prepare.py untouched and only deepens the model\n"])
+def test_file_scope_labels_naming_the_script_or_prose_are_applied(label):
+    text = f"DESCRIPTION: deeper\nREASONING: more capacity\n{label}{BLOCK}" + ("```\n" if "```" in label else "")
+    assert "DEPTH = 5" in apply(text, "file")
+    assert "DEPTH = 5" in apply_proposal(SOURCE, parse_answer(text.replace("train.py", "train_mlx.py"), "file"),
+                                         "file", "train_mlx.py")
+
+
 def test_script_without_markers_is_a_script_error():
     with pytest.raises(ScriptError, match="Hyperparameters"):
         find_hparams("x = 1\n")
