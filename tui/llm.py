@@ -1,4 +1,4 @@
-"""The provider factory, our retry/backoff policy and token/cost accounting.
+"""The provider factory, our retry/backoff policy, the whole-call deadline and token/cost accounting.
 
 The provider interface and the error kinds live in tui.llm_base (re-exported here for callers); the SDKs' own retries
 are switched off (max_retries=0) so this module is the one place that decides.
@@ -6,6 +6,7 @@ are switched off (max_retries=0) so this module is the one place that decides.
 
 import random
 import threading
+import time
 from dataclasses import dataclass
 
 from tui.llm_base import LLMError, LLMReply, Provider, parse_retry_after  # noqa: F401  (re-exported for callers)
@@ -107,11 +108,13 @@ def call_with_retry(fn, policy: RetryPolicy, wait, on_retry=None):
     raise AssertionError("unreachable")
 
 
-def run_interruptibly(fn, cancelled, poll: float = 0.05):
+def run_interruptibly(fn, cancelled, poll: float = 0.05, timeout: float | None = None):
     """Run a blocking call in a daemon thread so a stop/abort command does not wait for a slow HTTP response.
 
     cancelled() -> bool is polled; when it turns true the call is abandoned (its result is dropped) and Interrupted
-    is raised.
+    is raised. timeout is the whole call's budget in seconds: the SDKs' own timeout is per read, so a server sending
+    a byte now and then keeps a call alive indefinitely. Past it the call is abandoned the same way and a retryable
+    LLMError is raised, so the retry policy applies.
     """
     box: dict = {}
     done = threading.Event()
@@ -125,9 +128,12 @@ def run_interruptibly(fn, cancelled, poll: float = 0.05):
             done.set()
 
     threading.Thread(target=target, name="llm-call", daemon=True).start()
+    deadline = None if timeout is None else time.monotonic() + timeout
     while not done.wait(poll):
         if cancelled():
             raise Interrupted()
+        if deadline is not None and time.monotonic() >= deadline:
+            raise LLMError("retryable", f"no complete answer within {timeout:g}s")
     if "error" in box:
         raise box["error"]
     return box["value"]

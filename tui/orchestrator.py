@@ -540,7 +540,8 @@ class Orchestrator:
         state = self.state
 
         def attempt():
-            return run_interruptibly(fn, lambda: self._cancel_reason(cancel_on_stop) is not None)
+            return run_interruptibly(fn, lambda: self._cancel_reason(cancel_on_stop) is not None,
+                                     timeout=self.cfg.llm_timeout)
 
         def on_retry(n, delay, err):
             self._set_state(State.WAITING, f"LLM {err}: retry {n}/{self.policy.attempts - 1} in {delay:.1f}s")
