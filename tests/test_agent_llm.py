@@ -1,8 +1,11 @@
 """The three providers through their real SDKs against local servers, our retry policy, and cost accounting."""
 
 import json
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -10,6 +13,7 @@ from fakes.llm_servers import FakeLLMServer
 from tui.llm import (Interrupted, LLMError, RetryPolicy, Usage, call_with_retry, estimate_cost, make_provider,
                      parse_retry_after, price_for, run_interruptibly)
 
+ROOT = Path(__file__).resolve().parent.parent
 MODELS = {"anthropic": "claude-sonnet-4-6", "openai": "gpt-4.1", "ollama": "qwen2.5-coder:7b"}
 MSG = [{"role": "user", "content": "propose something"}]
 
@@ -168,3 +172,10 @@ def test_costs_known_unknown_and_free():
     assert u.cost_usd == pytest.approx(0.0045) and u.tokens == 1100
     u.add(LLMReply("x", 10, 10), "mystery-model")
     assert u.cost_usd is None and u.tokens == 1120  # unknown once any price is unknown: never invented
+
+
+def test_provider_modules_load_without_the_factory_that_loads_them():
+    code = ("import sys, tui.provider_anthropic, tui.provider_openai, tui.provider_ollama; "
+            "assert 'tui.llm' not in sys.modules, 'a provider imports tui.llm, which imports the providers'")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
