@@ -16,6 +16,7 @@ import sys
 
 from tui import cli_args
 from tui.config import AgentConfig
+from tui.credentials import ENV_VARS
 from tui.decision import KEEP_RULES
 from tui.llm import DEFAULT_MODELS, PROVIDERS
 from tui.prompt import SCOPES
@@ -27,7 +28,9 @@ from tui.prompt import SCOPES
 # AgentConfig's field defaults are the agent's defaults; the options below only show and pass them on
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(AgentConfig) if f.default is not dataclasses.MISSING}
 
-EPILOG = """\
+KEY_VARS = ", ".join(dict.fromkeys(name for names in ENV_VARS.values() for name in names))
+
+EPILOG = f"""\
 screen (single run, --watch, --agent):
   Panels: training (progress, loss, tok/s, MFU; the summary when done), hardware (chip, memory of the training
   process and its children, system/unified and GPU memory), agent loop status (agent mode; --watch reads the
@@ -53,7 +56,7 @@ headless signals and exit codes:
   A status file (.runner_status.json next to results.tsv) is rewritten on every state change for monitoring.
 
 API keys:
-  Looked up in the environment first (ANTHROPIC_API_KEY, OPENAI_API_KEY, OPENROUTER_API_KEY, OLLAMA_API_KEY), then
+  Looked up in the environment first ({KEY_VARS}), then
   in the OS secret store (service "autoresearch", user = provider). Ollama and OpenAI-compatible servers on localhost
   need no key. Keys never reach the training process, the logs, results.tsv or commits.
 
@@ -113,8 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     noise = p.add_argument_group("noise floor and keep rule (agent)")
     noise.add_argument("--keep-rule", choices=KEEP_RULES, default=d["keep_rule"],
                        help=f"confirm = keep only a change whose mean over 2+ runs beats the best mean by 2 sigma of "
-                            f"the measured run-to-run noise; single = keep any single run that beats the best "
-                            f"(upstream's rule) (default: {d['keep_rule']})")
+                            f"the measured run-to-run noise; single = keep any single run that beats the best, "
+                            f"upstream's rule (default: {d['keep_rule']})")
     noise.add_argument("--noise-runs", type=cli_args.positive_int, default=d["noise_runs"], metavar="N",
                        help=f"baseline runs with seeds 42, 43, ... that measure the noise floor at the start of a "
                             f"tag (default: {d['noise_runs']}; confirm needs 2 or more)")
