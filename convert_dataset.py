@@ -36,8 +36,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 import prepare
-from dashboard import _positive_int
 from prepare import PrepareError
+from tui import cli_args
 
 # ---------------------------------------------------------------------------
 # Constants
@@ -647,10 +647,7 @@ def dry_run(source, name, num_train, revision, workers):
 # ---------------------------------------------------------------------------
 
 def _num_shards(value):
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+    n = cli_args.whole_number(value)
     if n < -1 or n == 0:
         raise argparse.ArgumentTypeError("use a number of training shards (at least 1), or -1 for all")
     return n
@@ -675,7 +672,7 @@ def build_parser():
     p.add_argument("--column", default=None, help="source column holding the text (default: the registry's)")
     p.add_argument("--name", default=None,
                    help="name of the prepared dataset (default: the registry name; 'local' with --text)")
-    p.add_argument("--workers", type=_positive_int, default=DEFAULT_WORKERS,
+    p.add_argument("--workers", type=cli_args.positive_int, default=DEFAULT_WORKERS,
                    help=f"parallel downloads (default {DEFAULT_WORKERS})")
     p.add_argument("--delete-raw", action="store_true",
                    help="delete each downloaded source file once converted (default: keep for the next conversion)")

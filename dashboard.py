@@ -9,17 +9,28 @@ autoresearch dashboard and agent.
 """
 
 import argparse
+import dataclasses
 import getpass
 import os
 import sys
+
+from tui import cli_args
+from tui.config import AgentConfig
+from tui.credentials import ENV_VARS
+from tui.decision import KEEP_RULES
+from tui.llm import DEFAULT_MODELS, PROVIDERS
+from tui.prompt import SCOPES
 
 # ---------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------
 
-PROVIDERS = ("anthropic", "openai", "openrouter", "ollama")
+# AgentConfig's field defaults are the agent's defaults; the options below only show and pass them on
+DEFAULTS = {f.name: f.default for f in dataclasses.fields(AgentConfig) if f.default is not dataclasses.MISSING}
 
-EPILOG = """\
+KEY_VARS = ", ".join(dict.fromkeys(name for names in ENV_VARS.values() for name in names))
+
+EPILOG = f"""\
 screen (single run, --watch, --agent):
   Panels: training (progress, loss, tok/s, MFU; the summary when done), hardware (chip, memory of the training
   process and its children, system/unified and GPU memory), agent loop status (agent mode; --watch reads the
@@ -45,7 +56,7 @@ headless signals and exit codes:
   A status file (.runner_status.json next to results.tsv) is rewritten on every state change for monitoring.
 
 API keys:
-  Looked up in the environment first (ANTHROPIC_API_KEY, OPENAI_API_KEY, OPENROUTER_API_KEY, OLLAMA_API_KEY), then
+  Looked up in the environment first ({KEY_VARS}), then
   in the OS secret store (service "autoresearch", user = provider). Ollama and OpenAI-compatible servers on localhost
   need no key. Keys never reach the training process, the logs, results.tsv or commits.
 
@@ -58,45 +69,8 @@ examples:
 """
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError("must be positive")
-    return value
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError("must be 0 or more")
-    return value
-
-
-def _tag(text: str) -> str:
-    from tui.git_repo import validate_tag
-    try:
-        return validate_tag(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e).replace("invalid --tag ", "invalid tag ")) from None
-
-
 def build_parser() -> argparse.ArgumentParser:
+    d = DEFAULTS
     p = argparse.ArgumentParser(prog="dashboard.py", description=__doc__.strip().splitlines()[0], epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("single_script", nargs="?", metavar="SCRIPT",
@@ -112,48 +86,49 @@ def build_parser() -> argparse.ArgumentParser:
                             "agent's status, refreshed as they change")
 
     agent = p.add_argument_group("agent options")
-    agent.add_argument("--tag", type=_tag, default=None,
+    agent.add_argument("--tag", type=cli_args.tag, default=None,
                        help="name of this run; the branch is autoresearch/<tag> (default: today's date, e.g. "
                             "mar17); with --watch: show only this tag's rows")
-    agent.add_argument("--max", type=_positive_int, default=None, metavar="N",
-                       help="stop once the tag has N experiments, baseline exp0 included (default: 100)")
-    agent.add_argument("--provider", choices=PROVIDERS, default="anthropic",
-                       help="LLM provider (default: anthropic); openai covers any OpenAI-compatible endpoint")
-    agent.add_argument("--model", default=None,
-                       help="model name (default: claude-sonnet-4-6 / gpt-4.1 / anthropic/claude-sonnet-4.6 / "
-                            "qwen2.5-coder:32b by provider)")
-    agent.add_argument("--base-url", default=None, metavar="URL",
+    agent.add_argument("--max", type=cli_args.positive_int, default=None, metavar="N",
+                       help=f"stop once the tag has N experiments, baseline exp0 included (default: "
+                            f"{d['max_experiments']})")
+    agent.add_argument("--provider", choices=PROVIDERS, default=d["provider"],
+                       help=f"LLM provider (default: {d['provider']}); openai covers any OpenAI-compatible endpoint")
+    agent.add_argument("--model", default=d["model"],
+                       help=f"model name (default: {' / '.join(DEFAULT_MODELS.values())} by provider)")
+    agent.add_argument("--base-url", default=d["base_url"], metavar="URL",
                        help="API endpoint, e.g. http://localhost:8080/v1 for llama.cpp/vLLM/LM Studio, or the Ollama "
                             "host (default: the provider's; Ollama: OLLAMA_HOST or localhost:11434)")
-    agent.add_argument("--scope", choices=("hparams", "file"), default="hparams",
-                       help="what the LLM may edit: hparams = only the hyperparameter block (default); file = "
-                            "search/replace edits anywhere in the training script")
-    agent.add_argument("--timeout", type=_positive_float, default=None, metavar="SECONDS",
+    agent.add_argument("--scope", choices=SCOPES, default=d["scope"],
+                       help=f"what the LLM may edit: hparams = only the hyperparameter block; file = search/replace "
+                            f"edits anywhere in the training script (default: {d['scope']})")
+    agent.add_argument("--timeout", type=cli_args.positive_float, default=d["timeout"], metavar="SECONDS",
                        help="kill a training run after this many seconds (default: time budget + max(300, budget))")
-    agent.add_argument("--script", default=None, metavar="FILE",
+    agent.add_argument("--script", default=d["script"], metavar="FILE",
                        help="training script for the agent (default: train_mlx.py or train.py for the detected "
                             "backend)")
-    agent.add_argument("--results", default=None, metavar="FILE",
+    agent.add_argument("--results", default=d["results"], metavar="FILE",
                        help="results file (default: results.tsv in --repo); --watch shows this one")
     agent.add_argument("--repo", default=".", metavar="DIR", help="repository to work in (default: .)")
-    agent.add_argument("--seed", type=int, default=None,
+    agent.add_argument("--seed", type=int, default=d["seed"],
                        help="random seed passed to the trainer as AUTORESEARCH_SEED (default: the trainer's)")
 
     noise = p.add_argument_group("noise floor and keep rule (agent)")
-    noise.add_argument("--keep-rule", choices=("confirm", "single"), default="confirm",
-                       help="confirm = keep only a change whose mean over 2+ runs beats the best mean by 2 sigma of "
-                            "the measured run-to-run noise (default); single = keep any single run that beats the "
-                            "best (upstream's rule)")
-    noise.add_argument("--noise-runs", type=_positive_int, default=3, metavar="N",
-                       help="baseline runs with seeds 42, 43, ... that measure the noise floor at the start of a tag "
-                            "(default: 3; confirm needs 2 or more)")
-    noise.add_argument("--confirm-runs", type=_count, default=2, metavar="N",
-                       help="extra runs with other seeds a promising change may get before the verdict (default: 2)")
-    noise.add_argument("--remeasure-noise", action="store_true",
+    noise.add_argument("--keep-rule", choices=KEEP_RULES, default=d["keep_rule"],
+                       help=f"confirm = keep only a change whose mean over 2+ runs beats the best mean by 2 sigma of "
+                            f"the measured run-to-run noise; single = keep any single run that beats the best, "
+                            f"upstream's rule (default: {d['keep_rule']})")
+    noise.add_argument("--noise-runs", type=cli_args.positive_int, default=d["noise_runs"], metavar="N",
+                       help=f"baseline runs with seeds 42, 43, ... that measure the noise floor at the start of a "
+                            f"tag (default: {d['noise_runs']}; confirm needs 2 or more)")
+    noise.add_argument("--confirm-runs", type=cli_args.count, default=d["confirm_runs"], metavar="N",
+                       help=f"extra runs with other seeds a promising change may get before the verdict (default: "
+                            f"{d['confirm_runs']})")
+    noise.add_argument("--remeasure-noise", action="store_true", default=d["remeasure_noise"],
                        help="measure the noise floor again on the best commit before the next experiment")
-    noise.add_argument("--plateau", type=_count, default=15, metavar="N",
-                       help="after N experiments in a row without a keep, ask the LLM to change direction "
-                            "(default: 15; 0 = never)")
+    noise.add_argument("--plateau", type=cli_args.count, default=d["plateau"], metavar="N",
+                       help=f"after N experiments in a row without a keep, ask the LLM to change direction "
+                            f"(default: {d['plateau']}; 0 = never)")
 
     keys = p.add_argument_group("API keys (no screen; combine with --provider)")
     kx = keys.add_mutually_exclusive_group()
@@ -216,7 +191,6 @@ def key_command(args) -> int:
 
 
 def agent_config(args):
-    from tui.config import AgentConfig
     kwargs = dict(repo=args.repo, provider=args.provider, model=args.model, base_url=args.base_url, scope=args.scope,
                   timeout=args.timeout, script=args.script, results=args.results, seed=args.seed,
                   keep_rule=args.keep_rule, noise_runs=args.noise_runs, confirm_runs=args.confirm_runs,

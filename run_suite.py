@@ -36,8 +36,8 @@ import time
 from pathlib import Path
 
 import convert_dataset
-from dashboard import _positive_int
 from prepare import PrepareError
+from tui import cli_args
 from tui.git_repo import GitError, GitRepo, validate_tag
 from tui.lock import AgentLock, LockHeld, read_info
 from tui.results import ResultsFile, rows_for_tag, summarize
@@ -418,13 +418,6 @@ def _dataset_list(text):
     return names
 
 
-def _tag(text):
-    try:
-        return validate_tag(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e).replace("invalid --tag ", "invalid tag ")) from None
-
-
 def build_parser():
     from tui.config import default_tag
     doc = __doc__.strip()
@@ -434,16 +427,16 @@ def build_parser():
     p.add_argument("--datasets", type=_dataset_list, default=None,
                    help=f"comma-separated datasets, in order (default: the resumed suite's, else "
                         f"{','.join(DEFAULT_DATASETS)})")
-    p.add_argument("--max", type=_positive_int, default=None, metavar="N",
+    p.add_argument("--max", type=cli_args.positive_int, default=None, metavar="N",
                    help=f"experiments per dataset, baseline included (default: the resumed suite's, else "
                         f"{DEFAULT_MAX})")
-    p.add_argument("--tag", type=_tag, default=default_tag(),
+    p.add_argument("--tag", type=cli_args.tag, default=default_tag(),
                    help="name of this suite; branches are autoresearch/<tag>-<dataset> (default: today, e.g. mar17)")
     p.add_argument("--skip-completed", action="store_true",
                    help="resume: skip datasets that reached --max, continue the others where they stopped")
     p.add_argument("--status", action="store_true", help="print the suite's progress and exit")
     p.add_argument("--prepare-only", action="store_true", help="prepare (convert + tokenize) the datasets and exit")
-    p.add_argument("--num-shards", type=_positive_int, default=DEFAULT_NUM_SHARDS,
+    p.add_argument("--num-shards", type=cli_args.positive_int, default=DEFAULT_NUM_SHARDS,
                    help=f"training shards when a dataset has to be prepared (default {DEFAULT_NUM_SHARDS})")
     p.add_argument("--results-dir", default=RESULTS_DIR, metavar="DIR",
                    help="where results/<dataset>/ go, relative to --repo (default: results)")

@@ -1,13 +1,19 @@
 """The three providers through their real SDKs against local servers, our retry policy, and cost accounting."""
 
+import json
+import subprocess
+import sys
+import threading
 import time
+from pathlib import Path
 
 import pytest
 
 from fakes.llm_servers import FakeLLMServer
-from tui.llm import (LLMError, RetryPolicy, Usage, call_with_retry, estimate_cost, make_provider, parse_retry_after,
-                     price_for)
+from tui.llm import (Interrupted, LLMError, RetryPolicy, Usage, call_with_retry, estimate_cost, make_provider,
+                     parse_retry_after, price_for, run_interruptibly)
 
+ROOT = Path(__file__).resolve().parent.parent
 MODELS = {"anthropic": "claude-sonnet-4-6", "openai": "gpt-4.1", "ollama": "qwen2.5-coder:7b"}
 MSG = [{"role": "user", "content": "propose something"}]
 
@@ -108,6 +114,32 @@ def test_timeouts_and_refused_connections_are_retryable():
         assert e.value.kind == "retryable", kind
 
 
+def test_a_trickling_answer_is_cut_off_at_the_call_deadline_then_retried(server):
+    # a byte every 50 ms: no single read ever waits the SDK's 1 s timeout, the whole answer would take far longer
+    slow = server.trickling(server.text("DESCRIPTION: finally"), every=0.05)
+    assert len(json.dumps(slow.body)) * 0.05 > 5
+    server.push(slow, server.text("DESCRIPTION: prompt"))
+    p = provider_for(server, timeout=1.0)
+    retries = []
+    t0 = time.monotonic()
+    reply = call_with_retry(lambda: run_interruptibly(lambda: p.complete("s", MSG), lambda: False, timeout=1.0),
+                            RetryPolicy(attempts=2, base=0.01), wait=lambda d: True,
+                            on_retry=lambda n, d, err: retries.append(err))
+    assert reply.text == "DESCRIPTION: prompt" and time.monotonic() - t0 < 1.0 + 1.0
+    assert retries[0].kind == "retryable" and str(retries[0]) == "no complete answer within 1s"
+
+
+def test_stop_and_skip_cut_a_trickling_call_short(server):
+    server.push(server.trickling(server.text("DESCRIPTION: finally"), every=0.05))
+    p = provider_for(server, timeout=1.0)
+    pressed = threading.Event()
+    threading.Timer(0.5, pressed.set).start()  # what the orchestrator's cancelled() reports after s or q
+    t0 = time.monotonic()
+    with pytest.raises(Interrupted):
+        run_interruptibly(lambda: p.complete("s", MSG), pressed.is_set, timeout=30.0)
+    assert time.monotonic() - t0 < 0.5 + 0.5
+
+
 def test_ollama_check_reports_a_missing_model():
     s = FakeLLMServer("ollama", models=["llama3:8b", "mistral:latest"]).start()
     try:
@@ -140,3 +172,10 @@ def test_costs_known_unknown_and_free():
     assert u.cost_usd == pytest.approx(0.0045) and u.tokens == 1100
     u.add(LLMReply("x", 10, 10), "mystery-model")
     assert u.cost_usd is None and u.tokens == 1120  # unknown once any price is unknown: never invented
+
+
+def test_provider_modules_load_without_the_factory_that_loads_them():
+    code = ("import sys, tui.provider_anthropic, tui.provider_openai, tui.provider_ollama; "
+            "assert 'tui.llm' not in sys.modules, 'a provider imports tui.llm, which imports the providers'")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr

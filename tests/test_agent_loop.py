@@ -204,6 +204,16 @@ def test_rate_limit_then_success(repo, server):
     assert reqs[1].at - reqs[0].at >= 0.3
 
 
+def test_an_answer_trickling_past_llm_timeout_is_abandoned_and_asked_again(repo, server):
+    slow = server.trickling(server.text(hp_answer("the trickled answer", lr=0.05)), every=0.05)  # ~25 s in all
+    server.push(slow, server.text(hp_answer("the prompt answer", lr=0.02)))
+    summary, rec, _ = run_agent(repo, server, max_experiments=2, llm_timeout=1.0)
+    assert statuses(repo) == [("exp0", "keep"), ("exp1", "keep")]
+    assert rows(repo)[1]["description"] == "the prompt answer"
+    waits = [m for s, m in rec.of("state") if s == "waiting"]
+    assert waits and "no complete answer within 1s" in waits[0]
+
+
 def test_overload_storm_skips_the_experiment_pauses_and_goes_on(repo, server):
     server.push(*[server.error(529, "Overloaded") for _ in range(3)], server.text(hp_answer("lr", lr=0.02)))
     summary, rec, _ = run_agent(repo, server, max_experiments=3, llm_attempts=3, outage_pause=0.2)

@@ -1,14 +1,15 @@
 """Answer parsing and edit application for both scopes: fences, missing/doubled markers, search/replace rules."""
 
+import time
 from pathlib import Path
 
 import pytest
 
-from fakes.agent import hp_answer, hp_block
+from fakes.agent import file_answer, hp_answer, hp_block
 from fakes.repo import FAKE_TRAIN
+from tui.prompt import (MAX_REPLY_CHARS, AnswerError, PromptContext, ScriptError, apply_proposal, find_hparams,
+                        parse_answer, user_prompt)
 from tui.results import Row
-from tui.prompt import (AnswerError, PromptContext, ScriptError, apply_proposal, find_hparams, parse_answer,
-                        user_prompt)
 
 SOURCE = FAKE_TRAIN.read_text()
 BANNER = "# " + "-" * 75
@@ -108,6 +109,73 @@ def test_file_scope_unclosed_or_missing_blocks():
         parse_answer("DESCRIPTION: x\n<<<<<<< SEARCH\nDEPTH = 4\n=======\nDEPTH = 5\n", "file")
     with pytest.raises(AnswerError, match="no SEARCH/REPLACE"):
         parse_answer("DESCRIPTION: x\nREASONING: y\nCODE:\nDEPTH = 5\n", "file")
+
+
+# replies a misbehaving model or server sends, under the size cap; each took minutes with patterns that let
+# whitespace run across lines from every line start
+BLOCK = "<<<<<<< SEARCH\nDEPTH = 4\n=======\nDEPTH = 5\n>>>>>>> REPLACE\n"
+RUNAWAY = {
+    "blank lines, then text": "\n" * 200_000 + "x",
+    "whitespace lines": " \t\n" * 60_000 + "x",
+    "star lines": "*\n" * 100_000 + "x",
+    "blank lines after the fields": "DESCRIPTION: x\nREASONING: y\n" + "\n" * 200_000 + "text\n" + BLOCK,
+}
+
+
+@pytest.mark.parametrize("scope", ["hparams", "file"])
+@pytest.mark.parametrize("shape", list(RUNAWAY))
+def test_runaway_replies_are_parsed_or_refused_at_once(shape, scope):
+    text = RUNAWAY[shape]
+    assert len(text) < MAX_REPLY_CHARS
+    t0 = time.perf_counter()
+    try:
+        parse_answer(text, scope)
+    except AnswerError:
+        pass
+    assert time.perf_counter() - t0 < 1.0, f"{shape} ({len(text):,} characters) took too long to parse"
+
+
+@pytest.mark.parametrize("text", [hp_answer(lr=0.02) + "\n" * (1 << 20), "DESCRIPTION" * 100_000],
+                         ids=["valid answer then 1 MB of blank lines", "DESCRIPTION repeated, 1 MB"])
+def test_an_oversized_reply_is_refused_with_what_was_wrong(text):
+    t0 = time.perf_counter()
+    with pytest.raises(AnswerError, match=r"characters, over the 262,144 allowed: send only DESCRIPTION"):
+        parse_answer(text, "hparams")
+    assert time.perf_counter() - t0 < 1.0
+
+
+def test_an_edit_that_balloons_the_script_is_refused():
+    padding = "".join(f"PAD_{i} = {i}\n" for i in range(8000))  # ~100 KB of valid Python, under the reply cap
+    for scope, text in [("file", file_answer([("DEPTH = 4", "DEPTH = 5\n" + padding)])),
+                        ("hparams", hp_answer(lr=0.02, extra=padding))]:
+        assert len(text) < MAX_REPLY_CHARS
+        with pytest.raises(AnswerError, match=r"the edited script would be [\d,]+ characters, over the limit of "
+                                              r"65,536: make a smaller change"):
+            apply(text, scope)
+    assert "PAD_9 = 9" in apply(file_answer([("DEPTH = 4", "DEPTH = 5\n" + padding[:2000])]), "file")
+
+
+@pytest.mark.parametrize("label", ["prepare.py\n", "File: prepare.py\n", "**File:** `prepare.py`\n",
+                                   "In prepare.py:\n", "### prepare.py\n\n", "```python prepare.py\n",
+                                   "I also change how the tokenizer is loaded in prepare.py:\n```python\n",
+                                   "# prepare.py\n"])
+def test_file_scope_edits_labelled_with_another_file_are_refused(label):
+    # DEPTH = 4 occurs in the training script too: today's rule (SEARCH must match) alone would apply it there
+    text = f"DESCRIPTION: deeper\nREASONING: more capacity\n{label}{BLOCK}" + ("```\n" if "```" in label else "")
+    with pytest.raises(AnswerError, match=r"you may only edit train.py; prepare.py is read-only"):
+        apply(text, "file")
+    second_block_only = f"DESCRIPTION: deeper\nREASONING: r\n{BLOCK}{label}" + BLOCK.replace("5", "6")
+    with pytest.raises(AnswerError, match="prepare.py is read-only"):
+        apply_proposal(SOURCE, parse_answer(second_block_only, "file"), "file", "train.py")
+
+
+@pytest.mark.parametrize("label", ["train.py\n", "File: `train.py`\n", "```python train.py\n", "```python\n",
+                                   "This keeps the data pipeline of prepare.py untouched and only deepens the model\n"])
+def test_file_scope_labels_naming_the_script_or_prose_are_applied(label):
+    text = f"DESCRIPTION: deeper\nREASONING: more capacity\n{label}{BLOCK}" + ("```\n" if "```" in label else "")
+    assert "DEPTH = 5" in apply(text, "file")
+    assert "DEPTH = 5" in apply_proposal(SOURCE, parse_answer(text.replace("train.py", "train_mlx.py"), "file"),
+                                         "file", "train_mlx.py")
 
 
 def test_script_without_markers_is_a_script_error():

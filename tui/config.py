@@ -1,4 +1,5 @@
-"""AgentConfig: every knob of the agent loop in one dataclass, shared by dashboard.py, headless and run_suite.py."""
+"""AgentConfig: every knob of the agent loop in one dataclass, shared by dashboard.py, headless and run_suite.py.
+Its field defaults are the defaults: dashboard.py's options read them from here."""
 
 import os
 import re
@@ -7,9 +8,9 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from tui.credentials import PROVIDERS
-from tui.decision import KEEP_RULES
+from tui.decision import CONFIRM_RUNS, KEEP_RULES, NOISE_RUNS, PLATEAU
 from tui.git_repo import validate_tag
+from tui.llm import PROVIDERS
 from tui.prompt import SCOPES
 
 DEFAULT_TIME_BUDGET = 300.0
@@ -69,10 +70,10 @@ class AgentConfig:
     # keep rule (tui.decision): "confirm" keeps only what beats the best mean by the noise margin, over 2+ runs;
     # "single" keeps any single run that beats the best (the seed's and upstream's rule)
     keep_rule: str = "confirm"
-    noise_runs: int = 3  # baseline runs (seeds 42, 43, ...) that measure the noise floor at the start of a tag
-    confirm_runs: int = 2  # extra runs (other seeds) a promising candidate may get before the verdict
+    noise_runs: int = NOISE_RUNS  # baseline runs (seeds 42, 43, ...) that measure the noise floor at the start of a tag
+    confirm_runs: int = CONFIRM_RUNS  # extra runs (other seeds) a promising candidate may get before the verdict
     remeasure_noise: bool = False  # measure the noise floor again on the best commit before the next experiment
-    plateau: int = 15  # experiments without a keep before the prompt asks for a new direction (0: never)
+    plateau: int = PLATEAU  # experiments without a keep before the prompt asks for a new direction (0: never)
     hardware: dict | None = None  # None: detect with backends.get_hardware_info()
     # LLM calls
     max_tokens: int = 4096

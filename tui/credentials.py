@@ -10,16 +10,17 @@ import re
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
+from tui.llm import PROVIDERS
+
 KEYRING_SERVICE = "autoresearch"
 
-# provider -> environment variables that may hold its key, in order of preference
+# provider (each of PROVIDERS) -> environment variables that may hold its key, in order of preference
 ENV_VARS = {
     "anthropic": ("ANTHROPIC_API_KEY",),
     "openai": ("OPENAI_API_KEY",),
     "openrouter": ("OPENROUTER_API_KEY", "OPENAI_API_KEY"),
     "ollama": ("OLLAMA_API_KEY",),  # only for hosted Ollama; a local server needs none
 }
-PROVIDERS = tuple(ENV_VARS)
 
 # environment variables a training child must never see: secrets by name, plus every provider's own settings
 SECRET_NAME_RE = re.compile(r"(_API_KEY$|_TOKEN$|SECRET|PASSWORD|PASSWD|CREDENTIAL|ACCESS_KEY|PRIVATE_KEY|^API_KEY$)",
@@ -53,7 +54,7 @@ def is_local_url(url: str | None) -> bool:
 
 
 def _check_provider(provider: str) -> None:
-    if provider not in ENV_VARS:
+    if provider not in PROVIDERS:
         raise CredentialError(f"unknown provider {provider!r}: choose one of {', '.join(PROVIDERS)}")
 
 

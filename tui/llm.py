@@ -1,17 +1,18 @@
-"""The small LLM provider interface, the provider factory, our retry/backoff policy and token/cost accounting.
+"""The provider factory, our retry/backoff policy, the whole-call deadline and token/cost accounting.
 
-Every provider module maps its SDK's exceptions to LLMError with one of three kinds:
-    retryable  429 / 529 / 5xx / 408 / timeouts / connection errors (retried with backoff, Retry-After honoured)
-    fatal      authentication, permission, billing/quota, unknown model (the loop stops with a clear message)
-    request    any other rejected request (this experiment is skipped, no retry)
-The SDKs' own retries are switched off (max_retries=0) so this module is the one place that decides.
+The provider interface and the error kinds live in tui.llm_base (re-exported here for callers); the SDKs' own retries
+are switched off (max_retries=0) so this module is the one place that decides.
 """
 
 import random
 import threading
 import time
 from dataclasses import dataclass
-from email.utils import parsedate_to_datetime
+
+from tui.llm_base import LLMError, LLMReply, Provider, parse_retry_after  # noqa: F401  (re-exported for callers)
+from tui.provider_anthropic import AnthropicProvider
+from tui.provider_ollama import OllamaProvider
+from tui.provider_openai import OpenAIProvider
 
 # ---------------------------------------------------------------------------
 # Defaults and prices
@@ -23,6 +24,7 @@ DEFAULT_MODELS = {
     "openrouter": "anthropic/claude-sonnet-4.6",
     "ollama": "qwen2.5-coder:32b",
 }
+PROVIDERS = tuple(DEFAULT_MODELS)  # what --provider accepts; every list of providers derives from this
 OPENROUTER_URL = "https://openrouter.ai/api/v1"
 
 # USD per million tokens (input, output), list prices as published by the vendors. Unknown models get no cost
@@ -47,118 +49,21 @@ PRICES = {
 }
 
 # ---------------------------------------------------------------------------
-# Interface
+# Factory
 # ---------------------------------------------------------------------------
-
-
-@dataclass
-class LLMReply:
-    text: str
-    input_tokens: int = 0
-    output_tokens: int = 0
-
-
-class LLMError(Exception):
-    def __init__(self, kind: str, message: str, status: int | None = None, retry_after: float | None = None):
-        super().__init__(message)
-        self.kind = kind  # "retryable" | "fatal" | "request"
-        self.status = status
-        self.retry_after = retry_after
-
-
-class Provider:
-    """What the orchestrator needs from an LLM. One subclass per provider module."""
-
-    name = "provider"
-
-    def __init__(self, model: str):
-        self.model = model
-
-    def check(self) -> None:
-        """A cheap call that proves the key and the endpoint work; raises LLMError."""
-        raise NotImplementedError
-
-    def complete(self, system: str, messages: list[dict]) -> LLMReply:
-        """messages: [{"role": "user"|"assistant", "content": str}, ...]; raises LLMError."""
-        raise NotImplementedError
-
-    def describe(self) -> str:
-        return f"{self.name} ({self.model})"
 
 
 def make_provider(provider: str, model: str | None, api_key: str | None, base_url: str | None = None,
                   timeout: float = 300.0, max_tokens: int = 4096) -> Provider:
     model = model or DEFAULT_MODELS[provider]
     if provider == "anthropic":
-        from tui.provider_anthropic import AnthropicProvider
         return AnthropicProvider(model, api_key, base_url, timeout, max_tokens)
     if provider in ("openai", "openrouter"):
-        from tui.provider_openai import OpenAIProvider
         url = base_url or (OPENROUTER_URL if provider == "openrouter" else None)
         return OpenAIProvider(model, api_key, url, timeout, max_tokens, name=provider)
     if provider == "ollama":
-        from tui.provider_ollama import OllamaProvider
         return OllamaProvider(model, base_url, timeout, max_tokens, api_key=api_key)
     raise ValueError(f"unknown provider {provider!r}")
-
-
-# ---------------------------------------------------------------------------
-# Error classification helpers shared by the provider modules
-# ---------------------------------------------------------------------------
-
-BILLING_WORDS = ("credit balance", "insufficient_quota", "insufficient quota", "billing", "payment required",
-                 "insufficient_credits", "exceeded your current quota")
-
-
-def parse_retry_after(headers) -> float | None:
-    """Retry-After in seconds (or an HTTP date), or retry-after-ms; None when absent or unreadable."""
-    if not headers:
-        return None
-    ms = headers.get("retry-after-ms")
-    if ms:
-        try:
-            return max(0.0, float(ms) / 1000.0)
-        except ValueError:
-            pass
-    value = headers.get("retry-after")
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
-    except (TypeError, ValueError, OverflowError):
-        return None
-
-
-def classify_status(status: int, message: str, retry_after: float | None = None) -> LLMError:
-    low = message.lower()
-    if status == 402 or any(w in low for w in BILLING_WORDS):
-        return LLMError("fatal", f"billing/quota problem (HTTP {status}): {message}", status)
-    if status == 401:
-        return LLMError("fatal", f"authentication failed (HTTP 401): {message}", status)
-    if status == 403:
-        return LLMError("fatal", f"permission denied (HTTP 403): {message}", status)
-    if status == 404:
-        return LLMError("fatal", f"model or endpoint not found (HTTP 404): {message}", status)
-    if status in (408, 409, 425, 429) or status >= 500:
-        return LLMError("retryable", f"HTTP {status}: {message}", status, retry_after)
-    return LLMError("request", f"request rejected (HTTP {status}): {message}", status)
-
-
-def translate_sdk_error(sdk, e: Exception, error_message) -> LLMError:
-    """Map an exception of the anthropic or openai SDK (they share one generated exception hierarchy) to LLMError;
-    error_message(e) extracts the provider's own error text."""
-    if isinstance(e, sdk.APITimeoutError):
-        return LLMError("retryable", "request timed out")
-    if isinstance(e, sdk.APIConnectionError):
-        return LLMError("retryable", f"connection error: {e}")
-    if isinstance(e, sdk.APIStatusError):
-        headers = getattr(e.response, "headers", None)
-        return classify_status(e.status_code, error_message(e), parse_retry_after(headers))
-    return LLMError("request", f"{type(e).__name__}: {e}")
 
 
 # ---------------------------------------------------------------------------
@@ -203,11 +108,13 @@ def call_with_retry(fn, policy: RetryPolicy, wait, on_retry=None):
     raise AssertionError("unreachable")
 
 
-def run_interruptibly(fn, cancelled, poll: float = 0.05):
+def run_interruptibly(fn, cancelled, poll: float = 0.05, timeout: float | None = None):
     """Run a blocking call in a daemon thread so a stop/abort command does not wait for a slow HTTP response.
 
     cancelled() -> bool is polled; when it turns true the call is abandoned (its result is dropped) and Interrupted
-    is raised.
+    is raised. timeout is the whole call's budget in seconds: the SDKs' own timeout is per read, so a server sending
+    a byte now and then keeps a call alive indefinitely. Past it the call is abandoned the same way and a retryable
+    LLMError is raised, so the retry policy applies.
     """
     box: dict = {}
     done = threading.Event()
@@ -221,9 +128,12 @@ def run_interruptibly(fn, cancelled, poll: float = 0.05):
             done.set()
 
     threading.Thread(target=target, name="llm-call", daemon=True).start()
+    deadline = None if timeout is None else time.monotonic() + timeout
     while not done.wait(poll):
         if cancelled():
             raise Interrupted()
+        if deadline is not None and time.monotonic() >= deadline:
+            raise LLMError("retryable", f"no complete answer within {timeout:g}s")
     if "error" in box:
         raise box["error"]
     return box["value"]

@@ -4,14 +4,20 @@ scope "hparams": the model sees the hyperparameter block and answers DESCRIPTION
 new block. The marker banners are always rebuilt from the current script, so a missing, doubled or mangled marker in
 the answer can never break the script for the next experiment.
 scope "file": the model sees the whole training script and answers DESCRIPTION / REASONING followed by one or more
-SEARCH/REPLACE blocks; each SEARCH text must occur exactly once.
+SEARCH/REPLACE blocks; each SEARCH text must occur exactly once, and no block may be labelled with another file (a
+line like "prepare.py" or "File: prepare.py" just above it, or a fence ```python prepare.py around it) even when its
+SEARCH text also occurs in the training script.
 Anything wrong raises AnswerError with a message written for the model: the orchestrator sends it back once as a
 corrective retry.
+
+Parsing is linear in the answer's length (no pattern lets whitespace run across lines from every line start), and
+answers and edited scripts have size caps, so a runaway reply cannot stall the loop.
 """
 
 import ast
 import re
 from dataclasses import dataclass, field
+from pathlib import PurePosixPath
 
 from tui.results import group_experiments
 
@@ -26,11 +32,22 @@ SEARCH_RE = re.compile(r"^\s*<{5,9}\s*SEARCH\s*$")
 DIVIDER_RE = re.compile(r"^\s*={5,9}\s*$")
 REPLACE_RE = re.compile(r"^\s*>{5,9}\s*REPLACE\s*$")
 FENCE_RE = re.compile(r"^\s*(```|~~~)")
-FIELD_RE = r"^[\s*#>_]*{name}[\s*_]*:[\s*_]*"  # tolerates **DESCRIPTION:** and ## REASONING:
+# tolerates **DESCRIPTION:** and ## REASONING:; the prefix stays on its line ([^\S\n] is whitespace but a newline)
+FIELD_RE = r"^(?:[^\S\n]|[*#>_])*{name}[\s*_]*:[\s*_]*"
+REASONING_END_RE = re.compile(r"^[^\S\n]*(<{5,9}\s*SEARCH|```|~~~)", re.MULTILINE)
+# a file label above a SEARCH block: a line ending in a .py path, after at most LABEL_WORDS other words ("File:",
+# "In", "Changes to") or with a colon after the path, markdown decoration aside; or a fence's info string naming one
+# (```python prepare.py)
+LABEL_WORDS = 4
+PY_PATH_RE = re.compile(r"[\w./\\-]*\w\.py")  # fullmatch on one word only: searching a long line would be quadratic
+NOT_PATH_RE = re.compile(r"[^\w./\\-]+")
 
 SCOPES = ("hparams", "file")
 CRASH_TAIL_CHARS = 3000
 DESCRIPTION_MAX = 200
+MAX_REPLY_CHARS = 256 * 1024  # a real answer is a few KB; max_tokens 4096 is about 16 KB
+MAX_SCRIPT_GROWTH = 4  # an edited script may be at most this many times the current one ...
+MIN_SCRIPT_CAP = 64 * 1024  # ... or this many characters, whichever is more (the file scope sends it every prompt)
 
 FORMAT_HPARAMS = """DESCRIPTION: <one line, under 80 characters, saying what you changed>
 REASONING: <2-3 sentences: why you expect this to lower val_bpb>
@@ -64,6 +81,7 @@ class Proposal:
     reasoning: str
     code: str | None = None  # scope hparams: the new block body
     edits: list = field(default_factory=list)  # scope file: [(search, replace), ...]
+    files: list = field(default_factory=list)  # scope file: the .py files the answer labels its blocks with
 
 
 # ---------------------------------------------------------------------------
@@ -156,29 +174,61 @@ def _strip_fences(text: str) -> str:
     return "\n".join(lines[first + 1:close] if close is not None else lines[first + 1:])
 
 
-def parse_edits(text: str) -> list:
-    edits, mode, search, replace = [], None, [], []
+def _file_label(line: str) -> str | None:
+    """The .py path a line names as the file being edited ("prepare.py", "**File:** `prepare.py`", "In prepare.py:"),
+    or None for any other line."""
+    words = line.replace("`", "").replace("*", "").strip().lstrip("#>").split()
+    if not words:
+        return None
+    path = words[-1].removesuffix(":")
+    if PY_PATH_RE.fullmatch(path) and (len(words) <= LABEL_WORDS + 1 or words[-1].endswith(":")):
+        return path
+    return None
+
+
+def parse_edits(text: str) -> tuple[list, list]:
+    """The SEARCH/REPLACE blocks, and the files they are labelled with: the nearest non-blank line above a block
+    (looking past an opening fence) or the info string of the fence around it."""
+    edits, files, mode, search, replace = [], [], None, [], []
+    label = fence_label = None
+    in_fence = False
     for line in text.split("\n"):
+        if mode is None and not line.strip():
+            continue  # blank lines between blocks change nothing (and are most of a runaway reply)
         if SEARCH_RE.match(line):
             if mode is not None:
                 raise AnswerError("a SEARCH block was opened before the previous one was closed with '>>>>>>> REPLACE'")
             mode, search, replace = "search", [], []
-        elif DIVIDER_RE.match(line) and mode == "search":
+            files += [f for f in (label, fence_label) if f]
+            label = None
+        elif mode == "search" and DIVIDER_RE.match(line):
             mode = "replace"
-        elif REPLACE_RE.match(line) and mode == "replace":
+        elif mode == "replace" and REPLACE_RE.match(line):
             edits.append(("\n".join(search), "\n".join(replace)))
             mode = None
         elif mode == "search":
             search.append(line)
         elif mode == "replace":
             replace.append(line)
+        elif FENCE_RE.match(line):
+            in_fence = not in_fence
+            info = NOT_PATH_RE.split(FENCE_RE.sub("", line, count=1)) if in_fence else []
+            fence_label = next((w for w in info if PY_PATH_RE.fullmatch(w)), None)
+            if not in_fence:
+                label = None  # a label above a fenced block of something else does not reach past it
+        else:
+            label = _file_label(line)
     if mode is not None:
         raise AnswerError("a SEARCH/REPLACE block is not closed: each needs '=======' and '>>>>>>> REPLACE' lines")
-    return edits
+    return edits, files
 
 
 def parse_answer(text: str, scope: str) -> Proposal:
-    text = (text or "").replace("\r\n", "\n")
+    text = text or ""
+    if len(text) > MAX_REPLY_CHARS:
+        raise AnswerError(f"the answer is {len(text):,} characters, over the {MAX_REPLY_CHARS:,} allowed: send only "
+                          f"DESCRIPTION, REASONING and the edit")
+    text = text.replace("\r\n", "\n")
     if not text.strip():
         raise AnswerError("the answer was empty")
     d = _field(text, "DESCRIPTION")
@@ -197,16 +247,16 @@ def parse_answer(text: str, scope: str) -> Proposal:
         if not code.strip():
             raise AnswerError("the CODE section is empty: send the complete hyperparameter block")
         return Proposal(description, reasoning, code=code)
-    edits = parse_edits(text)
+    edits, files = parse_edits(text)
     if not edits:
         raise AnswerError("the answer has no SEARCH/REPLACE block ('<<<<<<< SEARCH' ... '=======' ... "
                           "'>>>>>>> REPLACE')")
     reasoning = ""
     if r:
         rest = text[r.end():]
-        stop = re.search(r"^\s*(<{5,9}\s*SEARCH|```|~~~)", rest, re.MULTILINE)
+        stop = REASONING_END_RE.search(rest)
         reasoning = (rest[:stop.start()] if stop else rest).strip()
-    return Proposal(description, reasoning, edits=edits)
+    return Proposal(description, reasoning, edits=edits, files=files)
 
 
 # ---------------------------------------------------------------------------
@@ -235,7 +285,16 @@ def apply_proposal(source: str, proposal: Proposal, scope: str, filename: str = 
     if scope == "hparams":
         new = replace_hparams(source, proposal.code or "")
     else:
+        own = PurePosixPath(filename).name
+        other = next((f for f in proposal.files if PurePosixPath(f.replace("\\", "/")).name != own), None)
+        if other:  # refused even when the SEARCH text also occurs in the script: it was meant for the other file
+            raise AnswerError(f"you may only edit {filename}; {other} is read-only: send SEARCH/REPLACE blocks for "
+                              f"{filename} only")
         new = apply_edits(source, proposal.edits)
+    cap = max(MAX_SCRIPT_GROWTH * len(source), MIN_SCRIPT_CAP)
+    if len(new) > cap:
+        raise AnswerError(f"the edited script would be {len(new):,} characters, over the limit of {cap:,}: make a "
+                          f"smaller change")
     if new == source:
         raise AnswerError("the edit changes nothing: propose an actual change")
     try:

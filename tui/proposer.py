@@ -17,6 +17,8 @@ from tui.llm import (Interrupted, LLMError, RetryPolicy, Usage, call_with_retry,
 from tui.prompt import AnswerError, PromptContext, apply_proposal, corrective_prompt, parse_answer, system_prompt, \
     user_prompt
 
+ECHO_CHARS = 16384  # how much of an unusable answer the corrective retry shows the model again
+
 
 class Proposer:
     def __init__(self, cfg: AgentConfig, controls: Controls, status, log, provider=None):
@@ -84,7 +86,8 @@ class Proposer:
                 if attempt == 1:
                     raise SkipExperiment(f"unusable answer after a corrective retry: {e}") from None
                 self.log(f"exp{ctx.exp}: the answer could not be used ({e}); asking once more", "warning")
-                messages = messages + [{"role": "assistant", "content": reply.text.strip() or "(empty answer)"},
+                echoed = reply.text.strip()[:ECHO_CHARS] or "(empty answer)"  # a runaway reply is not sent back whole
+                messages = messages + [{"role": "assistant", "content": echoed},
                                        {"role": "user", "content": corrective_prompt(str(e), ctx.scope)}]
         raise AssertionError("unreachable")
 
@@ -102,7 +105,8 @@ class Proposer:
         state = self.status.state
 
         def attempt():
-            return run_interruptibly(fn, lambda: self.controls.cancel_reason() is not None)
+            return run_interruptibly(fn, lambda: self.controls.cancel_reason() is not None,
+                                     timeout=self.cfg.llm_timeout)
 
         def on_retry(n, delay, err):
             self.status.set(State.WAITING, f"LLM {err}: retry {n}/{self.policy.attempts - 1} in {delay:.1f}s")

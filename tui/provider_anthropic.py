@@ -1,6 +1,6 @@
 """Anthropic Messages API through the official `anthropic` SDK."""
 
-from tui.llm import LLMError, LLMReply, Provider, translate_sdk_error
+from tui.llm_base import LLMError, LLMReply, Provider, translate_sdk_error
 
 
 def _error_message(e) -> str:

@@ -1,6 +1,6 @@
 """Ollama's native API (/api/chat, /api/tags) through the `ollama` SDK. Host from --base-url or OLLAMA_HOST."""
 
-from tui.llm import LLMError, LLMReply, Provider, classify_status
+from tui.llm_base import LLMError, LLMReply, Provider, classify_status
 
 
 class OllamaProvider(Provider):

@@ -1,7 +1,7 @@
 """Any OpenAI-compatible chat-completions endpoint through the `openai` SDK: OpenAI, OpenRouter, vLLM,
 llama.cpp server, LM Studio, Ollama's /v1."""
 
-from tui.llm import LLMError, LLMReply, Provider, translate_sdk_error
+from tui.llm_base import LLMError, LLMReply, Provider, translate_sdk_error
 
 LOCAL_PLACEHOLDER_KEY = "not-needed"  # local servers ignore the key, but the SDK insists on one
 

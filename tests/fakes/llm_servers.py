@@ -5,13 +5,14 @@ Ollama API, answering from a script (a queue of replies: text, errors with statu
     server.push(server.text("DESCRIPTION: ..."), server.error(429, "slow down", retry_after=1))
     ... point the SDK at server.base_url ...
     server.prompts()  # the user prompts the server received, in order
+    server.push(server.trickling(server.text("..."), every=0.05))  # the body one byte every 50 ms
 """
 
 import json
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 KINDS = ("anthropic", "openai", "ollama")
@@ -23,6 +24,7 @@ class Reply:
     body: object = None  # dict -> JSON; str -> sent as is
     headers: dict = field(default_factory=dict)
     delay: float = 0.0  # seconds to wait before answering (timeouts)
+    trickle: float = 0.0  # seconds between the body's bytes: every read gets data, the answer takes ages
 
 
 @dataclass
@@ -49,6 +51,7 @@ class FakeLLMServer:
         self.default_chat = None  # callable(request_body) -> Reply when the queue is empty
         self.models = list(models)
         self._httpd = None
+        self._stopped = threading.Event()  # ends trickles, so no handler outlives the test
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -85,9 +88,19 @@ class FakeLLMServer:
                     for k, v in reply.headers.items():
                         self.send_header(k, str(v))
                     self.end_headers()
-                    self.wfile.write(data)
+                    if reply.trickle:
+                        self._trickle(data, reply.trickle)
+                    else:
+                        self.wfile.write(data)
                 except (BrokenPipeError, ConnectionResetError):
                     pass
+
+            def _trickle(self, data, every):
+                for i in range(len(data)):
+                    if server._stopped.wait(every):
+                        self.close_connection = True  # the client sees the connection end, not a stall
+                        return
+                    self.wfile.write(data[i:i + 1])
 
             def do_GET(self):
                 self._handle("GET")
@@ -101,6 +114,7 @@ class FakeLLMServer:
         return self
 
     def stop(self) -> None:
+        self._stopped.set()
         if self._httpd:
             self._httpd.shutdown()
             self._httpd.server_close()
@@ -138,6 +152,9 @@ class FakeLLMServer:
                     "message": {"role": "assistant", "content": text}, "done": True, "done_reason": "stop",
                     "prompt_eval_count": input_tokens, "eval_count": output_tokens}
         return Reply(200, body)
+
+    def trickling(self, reply: Reply, every: float = 0.05) -> Reply:
+        return replace(reply, trickle=every)
 
     def error(self, status: int, message: str = "error", retry_after=None, code: str | None = None,
               delay: float = 0.0) -> Reply:

@@ -1,0 +1,44 @@
+"""argparse value types shared by dashboard.py, run_suite.py and convert_dataset.py: a bad value becomes a usage
+error (exit 2) with a one-line reason instead of a traceback."""
+
+import argparse
+
+from tui.git_repo import validate_tag
+
+
+def whole_number(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+
+
+def positive_int(text: str) -> int:
+    value = whole_number(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def count(text: str) -> int:
+    value = whole_number(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be 0 or more")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be positive")
+    return value
+
+
+def tag(text: str) -> str:
+    try:
+        return validate_tag(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).replace("invalid --tag ", "invalid tag ")) from None

@@ -1,0 +1,111 @@
+"""What every provider module shares: the Provider interface, its reply and error types, and the mapping of HTTP
+statuses and SDK exceptions to the three error kinds. The provider modules import this, never tui.llm, so the factory
+in tui.llm can import them without a cycle.
+
+Every provider maps its SDK's exceptions to LLMError with one of three kinds:
+    retryable  429 / 529 / 5xx / 408 / timeouts / connection errors (retried with backoff, Retry-After honoured)
+    fatal      authentication, permission, billing/quota, unknown model (the loop stops with a clear message)
+    request    any other rejected request (this experiment is skipped, no retry)
+"""
+
+import time
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+
+# ---------------------------------------------------------------------------
+# Interface
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class LLMReply:
+    text: str
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+
+class LLMError(Exception):
+    def __init__(self, kind: str, message: str, status: int | None = None, retry_after: float | None = None):
+        super().__init__(message)
+        self.kind = kind  # "retryable" | "fatal" | "request"
+        self.status = status
+        self.retry_after = retry_after
+
+
+class Provider:
+    """What the orchestrator needs from an LLM. One subclass per provider module."""
+
+    name = "provider"
+
+    def __init__(self, model: str):
+        self.model = model
+
+    def check(self) -> None:
+        """A cheap call that proves the key and the endpoint work; raises LLMError."""
+        raise NotImplementedError
+
+    def complete(self, system: str, messages: list[dict]) -> LLMReply:
+        """messages: [{"role": "user"|"assistant", "content": str}, ...]; raises LLMError."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.model})"
+
+
+# ---------------------------------------------------------------------------
+# Error classification
+# ---------------------------------------------------------------------------
+
+BILLING_WORDS = ("credit balance", "insufficient_quota", "insufficient quota", "billing", "payment required",
+                 "insufficient_credits", "exceeded your current quota")
+
+
+def parse_retry_after(headers) -> float | None:
+    """Retry-After in seconds (or an HTTP date), or retry-after-ms; None when absent or unreadable."""
+    if not headers:
+        return None
+    ms = headers.get("retry-after-ms")
+    if ms:
+        try:
+            return max(0.0, float(ms) / 1000.0)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+def classify_status(status: int, message: str, retry_after: float | None = None) -> LLMError:
+    low = message.lower()
+    if status == 402 or any(w in low for w in BILLING_WORDS):
+        return LLMError("fatal", f"billing/quota problem (HTTP {status}): {message}", status)
+    if status == 401:
+        return LLMError("fatal", f"authentication failed (HTTP 401): {message}", status)
+    if status == 403:
+        return LLMError("fatal", f"permission denied (HTTP 403): {message}", status)
+    if status == 404:
+        return LLMError("fatal", f"model or endpoint not found (HTTP 404): {message}", status)
+    if status in (408, 409, 425, 429) or status >= 500:
+        return LLMError("retryable", f"HTTP {status}: {message}", status, retry_after)
+    return LLMError("request", f"request rejected (HTTP {status}): {message}", status)
+
+
+def translate_sdk_error(sdk, e: Exception, error_message) -> LLMError:
+    """Map an exception of the anthropic or openai SDK (they share one generated exception hierarchy) to LLMError;
+    error_message(e) extracts the provider's own error text."""
+    if isinstance(e, sdk.APITimeoutError):
+        return LLMError("retryable", "request timed out")
+    if isinstance(e, sdk.APIConnectionError):
+        return LLMError("retryable", f"connection error: {e}")
+    if isinstance(e, sdk.APIStatusError):
+        headers = getattr(e.response, "headers", None)
+        return classify_status(e.status_code, error_message(e), parse_retry_after(headers))
+    return LLMError("request", f"{type(e).__name__}: {e}")
