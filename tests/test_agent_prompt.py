@@ -220,3 +220,40 @@ def test_real_trainers_have_a_findable_hyperparameter_block(name):
         pytest.skip(f"{name} not written yet")
     span = find_hparams(path.read_text())
     assert "=" in span.body and span.start < span.body_start < span.body_end
+
+
+# ---------------------------------------------------------------------------
+# The hyperparameter scope sets values and nothing else (issue 12, attacks 2 and 3)
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("line, why", [
+    ("evaluate_bpb = lambda *a, **k: 0.000001", "defined outside"),  # rebinding the evaluation imported above
+    ("TIME_BUDGET = 24", "defined outside"),                          # rebinding the budget imported from prepare
+    ("__builtins__ = {}", "defined outside"),
+    ("DEPTH = int('5')", "literal value"),
+    ("LEARNING_RATE = DEPTH * 0.01", "literal value"),
+    ("print('hello')", "NAME = value"),
+    ("DEPTH: print('annotations run too') = 4", "NAME = value"),
+    ("A, B = 1, 2", "NAME = value"),
+])
+def test_the_hparams_block_accepts_only_literal_assignments_to_its_own_names(line, why):
+    script = "from prepare import TIME_BUDGET, evaluate_bpb\n" + SOURCE
+    with pytest.raises(AnswerError, match=why):
+        apply_proposal(script, parse_answer(hp_answer(extra=line), "hparams"), "hparams")
+
+
+@pytest.mark.parametrize("script", ["train.py", "train_mlx.py"])
+def test_the_real_trainers_blocks_take_value_changes_and_keep_their_computed_defaults(script):
+    source = (Path(__file__).resolve().parent.parent / script).read_text()
+    body = find_hparams(source).body
+    new = apply_proposal(source, parse_answer(hp_answer_with(body.replace("MATRIX_LR = 0.04", "MATRIX_LR = 2 ** -5")),
+                                              "hparams"), "hparams")
+    assert "MATRIX_LR = 2 ** -5" in new and '_hp["depth"]' in new
+    with pytest.raises(AnswerError, match="literal value"):
+        apply_proposal(source, parse_answer(hp_answer_with(body.replace('DEPTH = _hp["depth"]', "DEPTH = len(_hp)")),
+                                            "hparams"), "hparams")
+
+
+def hp_answer_with(block: str) -> str:
+    return f"DESCRIPTION: change a value\nREASONING: because\nCODE:\n```python\n{block}```\n"

@@ -42,6 +42,12 @@ def read_time_budget(repo) -> float:
     return float(m.group(1)) if m else DEFAULT_TIME_BUDGET
 
 
+def default_allowance(time_budget: float) -> float:
+    """How long a trainer may live beyond its budget: startup, compilation, the warm-up steps the trainers leave out
+    of the budget, and the evaluation. Past budget + allowance a run is not kept, whatever it says it trained."""
+    return max(60.0, 0.2 * time_budget)
+
+
 def default_timeout(time_budget: float) -> float:
     """Budget plus a generous allowance for startup, compilation and evaluation."""
     return time_budget + max(300.0, time_budget)
@@ -61,6 +67,7 @@ class AgentConfig:
     runs_dir: Path | None = None  # None: <repo>/runs
     status_file: Path | None = None  # None: .runner_status.json next to the results file
     timeout: float | None = None  # training deadline in seconds; None: time budget + max(300, time budget)
+    budget_allowance: float | None = None  # seconds past the budget a run may take; None: max(60, 20% of the budget)
     time_budget: float | None = None  # None: read from prepare.py / AUTORESEARCH_TIME_BUDGET
     history_len: int = 30  # past results shown in the prompt
     dataset: str = field(default_factory=lambda: os.environ.get("AUTORESEARCH_DATASET") or "climbmix")
@@ -123,7 +130,9 @@ class AgentConfig:
         runs = runs if runs.is_absolute() else (repo / runs)
         status = Path(self.status_file) if self.status_file else results.parent / ".runner_status.json"
         return replace(self, repo=repo, results=results.resolve(), runs_dir=runs.resolve(), status_file=status,
-                       time_budget=budget, timeout=self.timeout or default_timeout(budget))
+                       time_budget=budget, timeout=self.timeout or default_timeout(budget),
+                       budget_allowance=(default_allowance(budget) if self.budget_allowance is None
+                                         else self.budget_allowance))
 
     @property
     def branch(self) -> str:

@@ -263,7 +263,8 @@ class Orchestrator:
         self.status.set(state, message)
         outcome = self._train(trial, run, seed, log)
         self.status.set(State.EVALUATING, f"exp{trial.exp}: evaluating")
-        status, notes = judge(outcome, self.session.protected.restore())
+        status, notes = judge(outcome, self.session.protected.restore(), self.cfg.time_budget,
+                              self.cfg.budget_allowance)
         if status is None and outcome.returncode not in (0, None):
             self._log(f"the trainer exited with code {outcome.returncode} after printing its summary", "warning")
         if status == "skip":
@@ -278,7 +279,8 @@ class Orchestrator:
         cfg = self.cfg
         spec = RunSpec(commit=trial.commit, script=self.script, seed=seed, budget=cfg.time_budget,
                        dataset=cfg.dataset, deadline=cfg.timeout, log_path=log, python=cfg.python,
-                       env=run_env(secrets=self.proposer.secrets, AUTORESEARCH_DATASET=cfg.dataset),
+                       env=run_env(secrets=self.proposer.secrets, AUTORESEARCH_DATASET=cfg.dataset,
+                                   AUTORESEARCH_TIME_BUDGET=f"{cfg.time_budget:g}"),
                        label=f"exp{trial.exp}" + (f" r{run}" if run else ""))
         try:
             handle = self.executor.submit(spec)

@@ -137,6 +137,71 @@ def _clean_block(code: str) -> str:
     return "\n".join(ln.rstrip() for ln in lines) + "\n"
 
 
+_ARITHMETIC = (ast.Add, ast.Sub, ast.Mult, ast.Div, ast.FloorDiv, ast.Mod, ast.Pow)
+
+
+def _literal(node) -> bool:
+    """Numbers, strings, booleans, None, containers of them, and arithmetic on them (2 ** 19, -0.5)."""
+    if isinstance(node, ast.Constant):
+        return isinstance(node.value, (int, float, str, bool, type(None)))
+    if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+        return all(_literal(e) for e in node.elts)
+    if isinstance(node, ast.Dict):
+        return all(k is not None and _literal(k) for k in node.keys) and all(_literal(v) for v in node.values)
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        return _literal(node.operand)
+    return isinstance(node, ast.BinOp) and isinstance(node.op, _ARITHMETIC) and _literal(node.left) \
+        and _literal(node.right)
+
+
+def _assignments(body) -> dict:
+    """name -> ast.dump of its value, for the plain `NAME = value` statements of a block."""
+    out = {}
+    for stmt in body:
+        if isinstance(stmt, (ast.Assign, ast.AnnAssign)) and stmt.value is not None:
+            for t in (stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target]):
+                if isinstance(t, ast.Name):
+                    out[t.id] = ast.dump(stmt.value)
+    return out
+
+
+def check_block(tree: ast.Module, span: "HparamsSpan", source: str) -> None:
+    """The hyperparameter scope edits values, nothing else: every statement assigns a literal to a name of the block
+    (or keeps the value it has today, e.g. `_hp = suggest_hyperparameters(...)`, `DEPTH = _hp["depth"]`). A name the
+    script binds outside the block (an import such as evaluate_bpb or TIME_BUDGET, a function) can never be rebound."""
+    script = ast.parse(source)
+    first, last = span.body_start + 1, span.body_end  # the block's line numbers (1-based, inclusive)
+    inside = [n for n in script.body if first <= n.lineno <= last]
+    today = _assignments(inside)
+    outside = set()
+    for node in script.body:
+        if first <= node.lineno <= last:
+            continue
+        for n in ast.walk(node) if isinstance(node, (ast.Import, ast.ImportFrom, ast.Assign, ast.AnnAssign,
+                                                      ast.AugAssign)) else [node]:
+            if isinstance(n, ast.alias):
+                outside.add((n.asname or n.name).split(".")[0])
+            elif isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store):
+                outside.add(n.id)
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            outside.add(node.name)
+    for stmt in tree.body:
+        line = f"line {stmt.lineno} of the block"
+        targets = stmt.targets if isinstance(stmt, ast.Assign) else []  # (an annotation would run code too)
+        if len(targets) != 1 or not isinstance(targets[0], ast.Name):
+            raise AnswerError(f"the hyperparameter block may only contain `NAME = value` lines ({line} is not one)")
+        name, value = targets[0].id, stmt.value
+        if name.startswith("__") or (name in outside and name not in today):
+            raise AnswerError(f"{name} is defined outside the hyperparameter block ({line}): the block may only set "
+                              f"its own constants")
+        kept = today.get(name) == ast.dump(value)
+        own = isinstance(value, ast.Subscript) and isinstance(value.value, ast.Name) and value.value.id in today \
+            and _literal(value.slice)
+        if not (_literal(value) or kept or own):
+            raise AnswerError(f"{name} must be set to a literal value such as a number, a string or a tuple ({line}): "
+                              f"no calls, names or expressions")
+
+
 def replace_hparams(source: str, code: str) -> str:
     span = find_hparams(source)
     body = _clean_block(code)
@@ -147,6 +212,7 @@ def replace_hparams(source: str, code: str) -> str:
                           f"(line {e.lineno} of the block)") from None
     if any(isinstance(n, (ast.Import, ast.ImportFrom)) for n in ast.walk(tree)):
         raise AnswerError("the hyperparameter block must not import anything: only change values")
+    check_block(tree, span, source)
     if span.body.endswith(("\n\n", "\n\r\n")):
         body += "\n"  # keep the blank lines the script had around the block
     if span.body.startswith(("\n", "\r\n")):

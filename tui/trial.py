@@ -95,9 +95,10 @@ class InFlight:
 # ---------------------------------------------------------------------------
 
 
-def judge(outcome: RunOutcome, touched: list) -> tuple:
+def judge(outcome: RunOutcome, touched: list, budget: float, allowance: float) -> tuple:
     """(status, notes) for a run that did not produce a usable result; (None, "") when it did.
-    touched: protected files the run changed (already restored)."""
+    touched: protected files the run changed (already restored). The time that counts is the engine's own clock
+    (outcome.seconds): a trainer that rewrote its budget still cannot train past budget + allowance."""
     if outcome.stopped == "abort":
         return "abort", "aborted by the user"
     if outcome.stopped == "skip":
@@ -106,6 +107,9 @@ def judge(outcome: RunOutcome, touched: list) -> tuple:
         return "crash", f"the run modified protected files ({', '.join(touched)}); they were restored"
     if not outcome.ok:
         return "crash", outcome.crash_reason()
+    if outcome.seconds > budget + allowance:
+        return "crash", (f"ran {outcome.seconds:.0f}s, past the {budget:g}s budget plus {allowance:g}s for startup "
+                         f"and evaluation: not kept, whatever the trainer reports")
     return None, ""
 
 
