@@ -38,6 +38,7 @@ import pyarrow.parquet as pq
 import prepare
 from prepare import PrepareError
 from tui import cli_args
+from tui.atomic import write_json_atomic
 
 # ---------------------------------------------------------------------------
 # Constants
@@ -378,10 +379,7 @@ def _install(staging, name):
 
 def _write_manifest(name, manifest):
     path = os.path.join(prepare.dataset_dir(name), "source.json")
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=1)
-    os.replace(tmp, path)
+    write_json_atomic(path, manifest)
 
 
 def read_manifest(name):

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import convert_dataset
 from prepare import PrepareError
+from tui.atomic import write_json_atomic
 from tui import cli_args
 from tui.git_repo import GitError, GitRepo, validate_tag
 from tui.lock import AgentLock, LockHeld, read_info
@@ -81,12 +82,8 @@ def load_manifest(path):
 
 
 def save_manifest(path, manifest):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     manifest["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(manifest, indent=1), encoding="utf-8")
-    os.replace(tmp, path)
+    write_json_atomic(path, manifest)
 
 
 def progress(results_dir, tag, dataset):
