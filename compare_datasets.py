@@ -41,7 +41,6 @@ from tui.results import ResultsFile
 
 RESULTS_DIR = "results"
 LABEL_CHARS = 48                  # kept experiments' labels on the progress chart
-SCRIPTS = ("train.py", "train_mlx.py")
 DPI = 120
 COLORS = {"keep": "#2ca02c", "discard": "#9a9a9a", "crash": "#d62728", "best": "#1f6f1f"}
 

@@ -85,9 +85,6 @@ class GitRepo:
         except GitError:
             return False
 
-    def toplevel(self) -> Path:
-        return Path(self.run("rev-parse", "--show-toplevel").strip())
-
     def has_commits(self) -> bool:
         return bool(self.run("rev-parse", "--verify", "-q", "HEAD", check=False).strip())
 

@@ -188,12 +188,6 @@ class Usage:
         cost = estimate_cost(model, reply.input_tokens, reply.output_tokens, free)
         self.cost_usd = None if (cost is None or self.cost_usd is None) else self.cost_usd + cost
 
-    def merge(self, other: "Usage") -> None:
-        self.calls += other.calls
-        self.input_tokens += other.input_tokens
-        self.output_tokens += other.output_tokens
-        self.cost_usd = None if (other.cost_usd is None or self.cost_usd is None) else self.cost_usd + other.cost_usd
-
 
 def format_cost(cost: float | None) -> str:
     return "unknown" if cost is None else f"${cost:.4f}"

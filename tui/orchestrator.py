@@ -106,11 +106,9 @@ class Orchestrator:
             handle.cancel(reason)
 
     paused = property(lambda self: self.controls.pause_flag.is_set())
-    stopping = property(lambda self: self.controls.stop_flag.is_set())
     holds_lock = property(lambda self: self._lock_held)  # this agent owns the repository
     training_pid = property(lambda self: getattr(self._handle, "pid", None))
     state = property(lambda self: self.status.state)
-    state_message = property(lambda self: self.status.message)
     hardware = property(lambda self: self.session.hardware if self.session else {})
     backend = property(lambda self: self.session.backend if self.session else None)
     script = property(lambda self: self.session.script if self.session else "")

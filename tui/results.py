@@ -37,8 +37,6 @@ COLUMNS = [
     "tag", "llm_tokens", "llm_cost",  # which agent run the row belongs to; LLM usage of the experiment
     "seed", "run", "kind",  # repeated runs of one commit (issue 8, see above)
 ]
-KINDS = ("", "confirm", "noise")
-STATUSES = ("keep", "discard", "crash", "skip")
 SCORED = ("keep", "discard")
 NO_COMMIT = "-"
 
