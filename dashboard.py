@@ -285,4 +285,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    import gc
+    gc.freeze()  # everything we wrote is flushed; the final collection over torch's objects would only cost seconds
+    sys.exit(code)
