@@ -12,8 +12,6 @@ import time
 
 t_start = time.time()  # total_seconds counts from here: imports, compile and evaluation are all overhead
 
-import ctypes
-import ctypes.util
 import gc
 import math
 import os
@@ -21,29 +19,9 @@ import sys
 from dataclasses import asdict, dataclass
 from functools import partial
 
-# ---------------------------------------------------------------------------
-# BLAS: the mlx-cpu wheel ships a reference BLAS (~35x slower matmuls than OpenBLAS). A system OpenBLAS loaded
-# globally before mlx makes MLX's cblas calls resolve to it. AUTORESEARCH_OPENBLAS=0 disables, =PATH picks a file.
-# ---------------------------------------------------------------------------
+from backends.mlx_cpu import preload_openblas
 
-def preload_openblas():
-    if sys.platform != "linux" or os.environ.get("AUTORESEARCH_OPENBLAS") == "0":
-        return None
-    arch = os.uname().machine
-    candidates = [os.environ.get("AUTORESEARCH_OPENBLAS"),
-                  f"/usr/lib/{arch}-linux-gnu/openblas-pthread/libopenblas.so.0",
-                  f"/usr/lib/{arch}-linux-gnu/libopenblas.so.0",
-                  ctypes.util.find_library("openblas")]
-    for path in filter(None, candidates):
-        try:
-            ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
-            return path
-        except OSError:
-            continue
-    return None
-
-
-OPENBLAS = preload_openblas()
+OPENBLAS = preload_openblas()  # before mlx loads: its matmuls then run on a system OpenBLAS, not the bundled one
 
 import mlx.core as mx
 import mlx.nn as nn

@@ -275,6 +275,25 @@ def test_device_helpers_on_cpu_and_mlx():
 
 
 # -----------------------------------------------------------------------------
+# MLX on a CPU: the OpenBLAS preload
+
+def test_preload_openblas_choices(monkeypatch):
+    import ctypes.util
+    from backends.mlx_cpu import preload_openblas
+    monkeypatch.setenv("AUTORESEARCH_OPENBLAS", "0")
+    assert preload_openblas() is None
+    libm = ctypes.util.find_library("m")  # any loadable library stands in for an OpenBLAS the user points at
+    monkeypatch.setenv("AUTORESEARCH_OPENBLAS", libm)
+    assert preload_openblas() == libm      # the user's choice comes before the system paths
+    monkeypatch.setenv("AUTORESEARCH_OPENBLAS", "/nonexistent/libopenblas.so.0")
+    found = preload_openblas()             # an unloadable choice falls through to the system's, if any
+    assert found is None or "openblas" in found
+    monkeypatch.setattr(sys, "platform", "darwin")
+    monkeypatch.setenv("AUTORESEARCH_OPENBLAS", libm)
+    assert preload_openblas() is None      # Metal builds of MLX use Accelerate
+
+
+# -----------------------------------------------------------------------------
 # Tier defaults
 
 HW_FOR_TIER = {
@@ -344,7 +363,9 @@ def test_summary_apple_and_nvidia(capsys):
 
 
 def test_import_does_not_load_torch_or_mlx():
-    code = "import sys, backends; print(sorted(m for m in ('torch', 'mlx', 'mlx.core', 'numpy') if m in sys.modules))"
+    # backends.mlx_cpu too: its OpenBLAS preload only works before mlx is loaded
+    code = ("import sys, backends, backends.mlx_cpu; "
+            "print(sorted(m for m in ('torch', 'mlx', 'mlx.core', 'numpy') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr
 
