@@ -19,7 +19,7 @@ import sys
 from dataclasses import asdict, dataclass
 from functools import partial
 
-from backends.mlx_cpu import preload_openblas
+from backends.mlx_cpu import parallel_cross_entropy, preload_openblas
 
 OPENBLAS = preload_openblas()  # before mlx loads: its matmuls then run on a system OpenBLAS, not the bundled one
 
@@ -34,9 +34,6 @@ from prepare import MAX_SEQ_LEN, TIME_BUDGET, Tokenizer, describe_setup, evaluat
 ON_METAL = mx.metal.is_available()
 COMPUTE_DTYPE = mx.bfloat16 if ON_METAL else mx.float32  # bf16 on the GPU; CPUs without AVX-512 crawl in bf16
 RMS_EPS = float(mx.finfo(mx.float32).eps)                # matches torch's F.rms_norm default
-# MLX runs a CPU stream's element-wise kernels on one thread, and the softcap + cross-entropy over B x T x vocab
-# logits is mostly tanh and exp: split those rows over one CPU stream per core (1.5 s -> 1.0 s per step on 2 cores).
-HEAD_STREAMS = [] if ON_METAL else [mx.new_stream(mx.cpu) for _ in range(min(4, os.cpu_count() or 1))]
 
 # ---------------------------------------------------------------------------
 # GPT model (the same model as train.py; parameter names match too)
@@ -232,16 +229,9 @@ class GPT(nn.Module):
         x = norm(x)
         if targets is None:
             return self.logits(x)
-        n, B = len(HEAD_STREAMS), x.shape[0]
-        if n < 2 or B < 2:
-            return nn.losses.cross_entropy(self.logits(x), targets, reduction=reduction)
-        parts = []
-        for i, stream in enumerate(HEAD_STREAMS[:B]):  # rows i*B/n .. (i+1)*B/n on stream i, concurrently
-            lo, hi = i * B // min(n, B), (i + 1) * B // min(n, B)
-            with mx.stream(stream):
-                parts.append(nn.losses.cross_entropy(self.logits(x[lo:hi]), targets[lo:hi], reduction="none"))
-        loss = mx.concatenate(parts, axis=0)
-        return {"mean": loss.mean(), "sum": loss.sum()}.get(reduction, loss)
+        # nn.losses.cross_entropy(self.logits(x), targets), its rows split over the CPU cores: MLX runs a CPU
+        # stream's element-wise kernels (the softcap's tanh, the softmax's exp) on one thread
+        return parallel_cross_entropy(self.logits, x, targets, reduction)
 
     def logits(self, x):
         softcap = 15

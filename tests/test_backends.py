@@ -275,7 +275,7 @@ def test_device_helpers_on_cpu_and_mlx():
 
 
 # -----------------------------------------------------------------------------
-# MLX on a CPU: the OpenBLAS preload
+# MLX on a CPU: the OpenBLAS preload and the loss head over the cores
 
 def test_preload_openblas_choices(monkeypatch):
     import ctypes.util
@@ -292,6 +292,28 @@ def test_preload_openblas_choices(monkeypatch):
     monkeypatch.setenv("AUTORESEARCH_OPENBLAS", libm)
     assert preload_openblas() is None      # Metal builds of MLX use Accelerate
 
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 5])
+def test_parallel_cross_entropy_equals_one_call(rows):
+    import mlx.core as mx
+    import mlx.nn as nn
+    import numpy as np
+    from backends.mlx_cpu import head_streams, parallel_cross_entropy
+    assert len(head_streams()) == min(4, os.cpu_count() or 1)  # mx.metal is unavailable here
+    rng = np.random.default_rng(rows)
+    x = mx.array(rng.standard_normal((rows, 16, 32)).astype(np.float32))
+    w = mx.array(rng.standard_normal((50, 32)).astype(np.float32))
+    y = mx.array(rng.integers(0, 50, (rows, 16)))
+    head = lambda w, h: 15 * mx.tanh((h @ w.T) / 15)  # the trainers' softcapped lm_head
+    for reduction in ("none", "mean", "sum"):
+        split = parallel_cross_entropy(lambda h: head(w, h), x, y, reduction)
+        whole = nn.losses.cross_entropy(head(w, x), y, reduction=reduction)
+        assert split.shape == whole.shape
+        np.testing.assert_allclose(np.array(split), np.array(whole), rtol=1e-6, atol=1e-6)
+    grad = lambda f: np.array(mx.grad(f)(w))  # the split must not change the backward pass either
+    np.testing.assert_allclose(grad(lambda w: parallel_cross_entropy(lambda h: head(w, h), x, y)),
+                               grad(lambda w: nn.losses.cross_entropy(head(w, x), y, reduction="mean")),
+                               rtol=1e-5, atol=1e-7)
 
 # -----------------------------------------------------------------------------
 # Tier defaults
