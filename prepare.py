@@ -914,6 +914,26 @@ def evaluate_bpb(model, tokenizer, batch_size, seq_len=None):
     return total_nats / (math.log(2) * total_bytes)
 
 # ---------------------------------------------------------------------------
+# Summary: the block after `---` that tui/parser.py and the agent read (fixed format, do not modify)
+# ---------------------------------------------------------------------------
+
+# Keys in print order and the number format of each; values start at column 18
+SUMMARY_FORMATS = {"val_bpb": ".6f", "training_seconds": ".1f", "total_seconds": ".1f", "peak_vram_mb": ".1f",
+                   "mfu_percent": ".2f", "total_tokens_M": ".1f", "num_steps": "", "num_params_M": ".1f",
+                   "depth": "", "backend": "", "chip": ""}
+
+
+def print_summary(**fields):
+    """Print the end-of-run summary: `---`, then one `key: value` line for each of SUMMARY_FORMATS (all required,
+    in that order), then any further fields as given (e.g. an energy reading; the parser keeps them as extras)."""
+    missing = [key for key in SUMMARY_FORMATS if key not in fields]
+    if missing:
+        raise TypeError(f"print_summary() is missing {', '.join(missing)}")
+    print("---")
+    for key, value in {**dict.fromkeys(SUMMARY_FORMATS), **fields}.items():
+        print(f"{key + ':':<17} {value:{SUMMARY_FORMATS.get(key, '')}}")
+
+# ---------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------
 

@@ -47,7 +47,8 @@ import torch.nn.functional as F
 
 from backends import get_hardware_info, get_peak_memory_mb, suggest_hyperparameters, sync_device
 from backends.muon_torch import MuonAdamW
-from prepare import MAX_SEQ_LEN, TIME_BUDGET, Tokenizer, describe_setup, evaluate_bpb, make_dataloader
+from prepare import (MAX_SEQ_LEN, TIME_BUDGET, Tokenizer, describe_setup, evaluate_bpb, make_dataloader,
+                     print_summary)
 
 # ---------------------------------------------------------------------------
 # GPT model
@@ -508,15 +509,6 @@ if __name__ == "__main__":
                         if total_training_time > 0 and peak_flops else 0.0)
     peak_vram_mb = get_peak_memory_mb(BACKEND)
 
-    print("---")
-    print(f"val_bpb:          {val_bpb:.6f}")
-    print(f"training_seconds: {total_training_time:.1f}")
-    print(f"total_seconds:    {t_end - t_start:.1f}")
-    print(f"peak_vram_mb:     {peak_vram_mb:.1f}")
-    print(f"mfu_percent:      {steady_state_mfu:.2f}")
-    print(f"total_tokens_M:   {total_tokens / 1e6:.1f}")
-    print(f"num_steps:        {step}")
-    print(f"num_params_M:     {num_params / 1e6:.1f}")
-    print(f"depth:            {DEPTH}")
-    print(f"backend:          {BACKEND}")
-    print(f"chip:             {_hw.chip_name}")
+    print_summary(val_bpb=val_bpb, training_seconds=total_training_time, total_seconds=t_end - t_start,
+                  peak_vram_mb=peak_vram_mb, mfu_percent=steady_state_mfu, total_tokens_M=total_tokens / 1e6,
+                  num_steps=step, num_params_M=num_params / 1e6, depth=DEPTH, backend=BACKEND, chip=_hw.chip_name)

@@ -12,8 +12,6 @@ import time
 
 t_start = time.time()  # total_seconds counts from here: imports, compile and evaluation are all overhead
 
-import ctypes
-import ctypes.util
 import gc
 import math
 import os
@@ -21,29 +19,9 @@ import sys
 from dataclasses import asdict, dataclass
 from functools import partial
 
-# ---------------------------------------------------------------------------
-# BLAS: the mlx-cpu wheel ships a reference BLAS (~35x slower matmuls than OpenBLAS). A system OpenBLAS loaded
-# globally before mlx makes MLX's cblas calls resolve to it. AUTORESEARCH_OPENBLAS=0 disables, =PATH picks a file.
-# ---------------------------------------------------------------------------
+from backends.mlx_cpu import parallel_cross_entropy, preload_openblas
 
-def preload_openblas():
-    if sys.platform != "linux" or os.environ.get("AUTORESEARCH_OPENBLAS") == "0":
-        return None
-    arch = os.uname().machine
-    candidates = [os.environ.get("AUTORESEARCH_OPENBLAS"),
-                  f"/usr/lib/{arch}-linux-gnu/openblas-pthread/libopenblas.so.0",
-                  f"/usr/lib/{arch}-linux-gnu/libopenblas.so.0",
-                  ctypes.util.find_library("openblas")]
-    for path in filter(None, candidates):
-        try:
-            ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
-            return path
-        except OSError:
-            continue
-    return None
-
-
-OPENBLAS = preload_openblas()
+OPENBLAS = preload_openblas()  # before mlx loads: its matmuls then run on a system OpenBLAS, not the bundled one
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -51,14 +29,12 @@ from mlx.utils import tree_flatten, tree_map
 
 from backends import get_hardware_info, get_peak_memory_mb, suggest_hyperparameters
 from backends.muon_mlx import MuonAdamW
-from prepare import MAX_SEQ_LEN, TIME_BUDGET, Tokenizer, describe_setup, evaluate_bpb, make_dataloader
+from prepare import (MAX_SEQ_LEN, TIME_BUDGET, Tokenizer, describe_setup, evaluate_bpb, make_dataloader,
+                     print_summary)
 
 ON_METAL = mx.metal.is_available()
 COMPUTE_DTYPE = mx.bfloat16 if ON_METAL else mx.float32  # bf16 on the GPU; CPUs without AVX-512 crawl in bf16
 RMS_EPS = float(mx.finfo(mx.float32).eps)                # matches torch's F.rms_norm default
-# MLX runs a CPU stream's element-wise kernels on one thread, and the softcap + cross-entropy over B x T x vocab
-# logits is mostly tanh and exp: split those rows over one CPU stream per core (1.5 s -> 1.0 s per step on 2 cores).
-HEAD_STREAMS = [] if ON_METAL else [mx.new_stream(mx.cpu) for _ in range(min(4, os.cpu_count() or 1))]
 
 # ---------------------------------------------------------------------------
 # GPT model (the same model as train.py; parameter names match too)
@@ -254,16 +230,9 @@ class GPT(nn.Module):
         x = norm(x)
         if targets is None:
             return self.logits(x)
-        n, B = len(HEAD_STREAMS), x.shape[0]
-        if n < 2 or B < 2:
-            return nn.losses.cross_entropy(self.logits(x), targets, reduction=reduction)
-        parts = []
-        for i, stream in enumerate(HEAD_STREAMS[:B]):  # rows i*B/n .. (i+1)*B/n on stream i, concurrently
-            lo, hi = i * B // min(n, B), (i + 1) * B // min(n, B)
-            with mx.stream(stream):
-                parts.append(nn.losses.cross_entropy(self.logits(x[lo:hi]), targets[lo:hi], reduction="none"))
-        loss = mx.concatenate(parts, axis=0)
-        return {"mean": loss.mean(), "sum": loss.sum()}.get(reduction, loss)
+        # nn.losses.cross_entropy(self.logits(x), targets), its rows split over the CPU cores: MLX runs a CPU
+        # stream's element-wise kernels (the softcap's tanh, the softmax's exp) on one thread
+        return parallel_cross_entropy(self.logits, x, targets, reduction)
 
     def logits(self, x):
         softcap = 15
@@ -494,15 +463,6 @@ if __name__ == "__main__":
                         if total_training_time > 0 and peak_flops else 0.0)
     peak_vram_mb = get_peak_memory_mb("mlx")
 
-    print("---")
-    print(f"val_bpb:          {val_bpb:.6f}")
-    print(f"training_seconds: {total_training_time:.1f}")
-    print(f"total_seconds:    {t_end - t_start:.1f}")
-    print(f"peak_vram_mb:     {peak_vram_mb:.1f}")
-    print(f"mfu_percent:      {steady_state_mfu:.2f}")
-    print(f"total_tokens_M:   {total_tokens / 1e6:.1f}")
-    print(f"num_steps:        {step}")
-    print(f"num_params_M:     {num_params / 1e6:.1f}")
-    print(f"depth:            {DEPTH}")
-    print(f"backend:          mlx")
-    print(f"chip:             {_hw.chip_name}")
+    print_summary(val_bpb=val_bpb, training_seconds=total_training_time, total_seconds=t_end - t_start,
+                  peak_vram_mb=peak_vram_mb, mfu_percent=steady_state_mfu, total_tokens_M=total_tokens / 1e6,
+                  num_steps=step, num_params_M=num_params / 1e6, depth=DEPTH, backend="mlx", chip=_hw.chip_name)

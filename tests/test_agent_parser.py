@@ -2,6 +2,8 @@
 
 import math
 
+import pytest
+
 from tui.parser import OutputParser, parse_output, parse_step
 
 STEP = ("step 00042 (14.0%) | loss: 3.456789 | lrm: 1.00 | dt: 512ms | tok/sec: 4,000 | mfu: 51.2% | epoch: 1 | "
@@ -122,3 +124,38 @@ def test_endless_line_without_terminator_is_cut_not_hoarded():
     for _ in range(3):
         lines += p.feed(b"x" * (MAX_LINE_CHARS // 2 + 1))
     assert lines and len(p._pending) <= MAX_LINE_CHARS
+
+# ---------------------------------------------------------------------------
+# The writer: prepare.print_summary, which both trainers call
+# ---------------------------------------------------------------------------
+
+RAW_FIELDS = dict(val_bpb=0.99789987, training_seconds=300.0871, total_seconds=325.94, peak_vram_mb=45060.18,
+                  mfu_percent=39.7961, total_tokens_M=499.6123, num_steps=953, num_params_M=50.3333, depth=8,
+                  backend="mlx", chip="Apple M4 Max")
+
+
+def test_print_summary_writes_the_protocol_block(capsys):
+    import prepare
+    prepare.print_summary(**RAW_FIELDS)
+    assert capsys.readouterr().out == SUMMARY
+
+
+def test_print_summary_round_trips_through_the_parser(capsys):
+    import prepare
+    prepare.print_summary(**dict(reversed(RAW_FIELDS.items())), avg_watts=41.5, a_rather_long_extra_key=3)
+    out = capsys.readouterr().out
+    f = parse_output(("Training complete. Evaluating...\n" + out).encode()).final
+    assert f is not None and f.ok
+    assert (f.val_bpb, f.training_seconds, f.total_seconds, f.peak_vram_mb, f.mfu_percent, f.total_tokens_M,
+            f.num_steps, f.num_params_M, f.depth, f.backend, f.chip) == \
+        (0.9979, 300.1, 325.9, 45060.2, 39.8, 499.6, 953, 50.3, 8, "mlx", "Apple M4 Max")
+    assert f.extra == {"avg_watts": "41.5", "a_rather_long_extra_key": "3"}  # after the fixed keys, as given
+    assert out.startswith(SUMMARY)
+
+
+def test_print_summary_refuses_an_incomplete_block(capsys):
+    import prepare
+    fields = {k: v for k, v in RAW_FIELDS.items() if k != "depth"}
+    with pytest.raises(TypeError, match="missing depth"):
+        prepare.print_summary(**fields)
+    assert capsys.readouterr().out == ""  # nothing half-written for the parser to take as a result

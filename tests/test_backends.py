@@ -275,6 +275,47 @@ def test_device_helpers_on_cpu_and_mlx():
 
 
 # -----------------------------------------------------------------------------
+# MLX on a CPU: the OpenBLAS preload and the loss head over the cores
+
+def test_preload_openblas_choices(monkeypatch):
+    import ctypes.util
+    from backends.mlx_cpu import preload_openblas
+    monkeypatch.setenv("AUTORESEARCH_OPENBLAS", "0")
+    assert preload_openblas() is None
+    libm = ctypes.util.find_library("m")  # any loadable library stands in for an OpenBLAS the user points at
+    monkeypatch.setenv("AUTORESEARCH_OPENBLAS", libm)
+    assert preload_openblas() == libm      # the user's choice comes before the system paths
+    monkeypatch.setenv("AUTORESEARCH_OPENBLAS", "/nonexistent/libopenblas.so.0")
+    found = preload_openblas()             # an unloadable choice falls through to the system's, if any
+    assert found is None or "openblas" in found
+    monkeypatch.setattr(sys, "platform", "darwin")
+    monkeypatch.setenv("AUTORESEARCH_OPENBLAS", libm)
+    assert preload_openblas() is None      # Metal builds of MLX use Accelerate
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 5])
+def test_parallel_cross_entropy_equals_one_call(rows):
+    import mlx.core as mx
+    import mlx.nn as nn
+    import numpy as np
+    from backends.mlx_cpu import head_streams, parallel_cross_entropy
+    assert len(head_streams()) == min(4, os.cpu_count() or 1)  # mx.metal is unavailable here
+    rng = np.random.default_rng(rows)
+    x = mx.array(rng.standard_normal((rows, 16, 32)).astype(np.float32))
+    w = mx.array(rng.standard_normal((50, 32)).astype(np.float32))
+    y = mx.array(rng.integers(0, 50, (rows, 16)))
+    head = lambda w, h: 15 * mx.tanh((h @ w.T) / 15)  # the trainers' softcapped lm_head
+    for reduction in ("none", "mean", "sum"):
+        split = parallel_cross_entropy(lambda h: head(w, h), x, y, reduction)
+        whole = nn.losses.cross_entropy(head(w, x), y, reduction=reduction)
+        assert split.shape == whole.shape
+        np.testing.assert_allclose(np.array(split), np.array(whole), rtol=1e-6, atol=1e-6)
+    grad = lambda f: np.array(mx.grad(f)(w))  # the split must not change the backward pass either
+    np.testing.assert_allclose(grad(lambda w: parallel_cross_entropy(lambda h: head(w, h), x, y)),
+                               grad(lambda w: nn.losses.cross_entropy(head(w, x), y, reduction="mean")),
+                               rtol=1e-5, atol=1e-7)
+
+# -----------------------------------------------------------------------------
 # Tier defaults
 
 HW_FOR_TIER = {
@@ -344,7 +385,9 @@ def test_summary_apple_and_nvidia(capsys):
 
 
 def test_import_does_not_load_torch_or_mlx():
-    code = "import sys, backends; print(sorted(m for m in ('torch', 'mlx', 'mlx.core', 'numpy') if m in sys.modules))"
+    # backends.mlx_cpu too: its OpenBLAS preload only works before mlx is loaded
+    code = ("import sys, backends, backends.mlx_cpu; "
+            "print(sorted(m for m in ('torch', 'mlx', 'mlx.core', 'numpy') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr
 

@@ -97,6 +97,26 @@ def test_flex_attention_matches_sdpa_windows():
     a, b = train.sdpa_attention(q, k, v, 16), train.sdpa_attention(q, k2, v, 16)
     assert torch.equal(a[:, 27:], b[:, 27:]) and not torch.equal(a[:, 10:27], b[:, 10:27])
 
+def test_mlx_trainer_preloads_openblas_before_mlx(tmp_path):
+    """A preload after mlx is loaded would change nothing: MLX's BLAS calls are already bound to its bundled BLAS."""
+    import ctypes.util
+    import subprocess
+    import sys
+    code = ("import sys, backends.mlx_cpu as m\n"
+            "preload = m.preload_openblas\n"
+            "def spy():\n"
+            "    print('preload with mlx loaded:', 'mlx.core' in sys.modules)\n"
+            "    return preload()\n"
+            "m.preload_openblas = spy\n"
+            "import train_mlx\n"
+            "print('OPENBLAS:', train_mlx.OPENBLAS)\n")
+    libm = ctypes.util.find_library("m")  # stands in for an OpenBLAS the user points at
+    env = scrubbed_env(AUTORESEARCH_OPENBLAS=libm, AUTORESEARCH_CACHE_DIR=tmp_path, AUTORESEARCH_PROFILE="cpu",
+                       AUTORESEARCH_CPU_PEAK_FLOPS="1e11")
+    r = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["preload with mlx loaded: False", f"OPENBLAS: {libm}"]
+
 # ---------------------------------------------------------------------------
 # End to end on tiny data, both trainers
 # ---------------------------------------------------------------------------

@@ -4,6 +4,7 @@ The trainers print a `\\r`-prefixed progress line per step:
     step 00042 (14.0%) | loss: 3.456789 | lrm: 1.00 | dt: 512ms | tok/sec: 4,000 | mfu: 51.2% | epoch: 1 |
         remaining: 258s   (one line)
 and, after training, a `---` line followed by `key:<spaces>value` lines (val_bpb, training_seconds, ...).
+That block is written by prepare.print_summary (the key order and number formats live there).
 Bytes arrive in arbitrary chunks, so decoding is incremental (a multi-byte UTF-8 character split across two reads
 stays intact) and lines are split on both `\\r` and `\\n`.
 """
