@@ -47,7 +47,8 @@ import torch.nn.functional as F
 
 from backends import get_hardware_info, get_peak_memory_mb, suggest_hyperparameters, sync_device
 from backends.muon_torch import MuonAdamW
-from prepare import MAX_SEQ_LEN, TIME_BUDGET, Tokenizer, describe_setup, evaluate_bpb, make_dataloader
+from prepare import (MAX_SEQ_LEN, RUN_DIR, TIME_BUDGET, Tokenizer, describe_setup, evaluate_bpb, export_model,
+                     make_dataloader)
 
 # ---------------------------------------------------------------------------
 # GPT model
@@ -498,10 +499,16 @@ if __name__ == "__main__":
 # Final evaluation and summary
 # ---------------------------------------------------------------------------
 
-    print("Training complete. Evaluating...", flush=True)
     model.eval()
-    with autocast_ctx:
-        val_bpb = evaluate_bpb(model, tokenizer, DEVICE_BATCH_SIZE)
+    if RUN_DIR:  # the agent loop scores the exported model in a separate process (prepare.py --evaluate)
+        print("Training complete. Exporting...", flush=True)
+        attention = sdpa_attention  # FlexAttention is a higher-order op the sealed evaluator does not run: same math
+        export_model(model, tokenizer, DEVICE_BATCH_SIZE)
+        val_bpb = None
+    else:
+        print("Training complete. Evaluating...", flush=True)
+        with autocast_ctx:
+            val_bpb = evaluate_bpb(model, tokenizer, DEVICE_BATCH_SIZE)
 
     t_end = time.time()
     steady_state_mfu = (100 * num_flops_per_token * TOTAL_BATCH_SIZE * (step - 10) / total_training_time / peak_flops
@@ -509,7 +516,8 @@ if __name__ == "__main__":
     peak_vram_mb = get_peak_memory_mb(BACKEND)
 
     print("---")
-    print(f"val_bpb:          {val_bpb:.6f}")
+    if val_bpb is not None:  # exported: the sealed evaluation reports val_bpb
+        print(f"val_bpb:          {val_bpb:.6f}")
     print(f"training_seconds: {total_training_time:.1f}")
     print(f"total_seconds:    {t_end - t_start:.1f}")
     print(f"peak_vram_mb:     {peak_vram_mb:.1f}")

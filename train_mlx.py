@@ -51,7 +51,8 @@ from mlx.utils import tree_flatten, tree_map
 
 from backends import get_hardware_info, get_peak_memory_mb, suggest_hyperparameters
 from backends.muon_mlx import MuonAdamW
-from prepare import MAX_SEQ_LEN, TIME_BUDGET, Tokenizer, describe_setup, evaluate_bpb, make_dataloader
+from prepare import (MAX_SEQ_LEN, RUN_DIR, TIME_BUDGET, Tokenizer, describe_setup, evaluate_bpb, export_model,
+                     make_dataloader)
 
 ON_METAL = mx.metal.is_available()
 COMPUTE_DTYPE = mx.bfloat16 if ON_METAL else mx.float32  # bf16 on the GPU; CPUs without AVX-512 crawl in bf16
@@ -486,8 +487,13 @@ if __name__ == "__main__":
 # Final evaluation and summary
 # ---------------------------------------------------------------------------
 
-    print("Training complete. Evaluating...", flush=True)
-    val_bpb = evaluate_bpb(model, tokenizer, DEVICE_BATCH_SIZE)
+    if RUN_DIR:  # the agent loop scores the exported model in a separate process (prepare.py --evaluate)
+        print("Training complete. Exporting...", flush=True)
+        export_model(model, tokenizer, DEVICE_BATCH_SIZE)
+        val_bpb = None
+    else:
+        print("Training complete. Evaluating...", flush=True)
+        val_bpb = evaluate_bpb(model, tokenizer, DEVICE_BATCH_SIZE)
 
     t_end = time.time()
     steady_state_mfu = (100 * num_flops_per_token * TOTAL_BATCH_SIZE * (step - 10) / total_training_time / peak_flops
@@ -495,7 +501,8 @@ if __name__ == "__main__":
     peak_vram_mb = get_peak_memory_mb("mlx")
 
     print("---")
-    print(f"val_bpb:          {val_bpb:.6f}")
+    if val_bpb is not None:  # exported: the sealed evaluation reports val_bpb
+        print(f"val_bpb:          {val_bpb:.6f}")
     print(f"training_seconds: {total_training_time:.1f}")
     print(f"total_seconds:    {t_end - t_start:.1f}")
     print(f"peak_vram_mb:     {peak_vram_mb:.1f}")
