@@ -3,7 +3,8 @@
 The trainers print a `\\r`-prefixed progress line per step:
     step 00042 (14.0%) | loss: 3.456789 | lrm: 1.00 | dt: 512ms | tok/sec: 4,000 | mfu: 51.2% | epoch: 1 |
         remaining: 258s   (one line)
-and, after training, a `---` line followed by `key:<spaces>value` lines (val_bpb, training_seconds, ...).
+and, after training, a `---` line followed by `key:<spaces>value` lines (val_bpb, training_seconds, ...); a trainer
+run by the engine exports its model and leaves val_bpb out (tui.sealed scores the export).
 Bytes arrive in arbitrary chunks, so decoding is incremental (a multi-byte UTF-8 character split across two reads
 stays intact) and lines are split on both `\\r` and `\\n`.
 """
@@ -45,7 +46,7 @@ class StepMetrics:
 
 @dataclass
 class FinalMetrics:
-    val_bpb: float
+    val_bpb: float | None = None  # None: the block had no val_bpb line (the engine's runs get it from tui.sealed)
     training_seconds: float | None = None
     total_seconds: float | None = None
     peak_vram_mb: float | None = None
@@ -60,7 +61,7 @@ class FinalMetrics:
 
     @property
     def ok(self) -> bool:
-        return math.isfinite(self.val_bpb) and self.val_bpb > 0
+        return self.val_bpb is not None and math.isfinite(self.val_bpb) and self.val_bpb > 0
 
 
 _FLOAT_KEYS = ("training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent", "total_tokens_M", "num_params_M")
@@ -108,11 +109,12 @@ def parse_step(line: str) -> StepMetrics | None:
 
 
 def build_final(values: dict) -> FinalMetrics | None:
-    """The `key: value` dict of a summary block -> FinalMetrics; None until val_bpb is present."""
-    if "val_bpb" not in values:
+    """The `key: value` dict of a summary block -> FinalMetrics; None until the block has a line. A trainer that
+    exported its model for the sealed evaluation prints no val_bpb line (val_bpb None)."""
+    if not values:
         return None
-    val = _number(values["val_bpb"])
-    fm = FinalMetrics(val_bpb=float("nan") if val is None else val)
+    val = _number(values["val_bpb"]) if "val_bpb" in values else None
+    fm = FinalMetrics(val_bpb=float("nan") if val is None and "val_bpb" in values else val)
     for key, raw in values.items():
         if key == "val_bpb":
             continue
@@ -142,7 +144,7 @@ class ParsedLine:
 class OutputParser:
     """Feed raw bytes (any chunking); get back complete lines with their parsed step, if any.
 
-    State after feeding: .final (FinalMetrics once val_bpb was seen after `---`), .failed (a FAIL line), .backend /
+    State after feeding: .final (FinalMetrics once a `key: value` line was seen after `---`), .failed (a FAIL line), .backend /
     .device (from the `Backend: X (dev)` startup line), .last_step, .tail (recent non-step lines, for crash reports).
     """
 
