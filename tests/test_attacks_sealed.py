@@ -112,3 +112,11 @@ def test_skip_during_the_sealed_evaluation_kills_the_evaluator(repo, server):
     assert summary.ok and time.monotonic() - t0 < 30
     assert [(r.exp, r.status) for r in rows(repo)] == [(0, "keep"), (1, "skip")]
     wait_for(lambda: not psutil.pid_exists(int(pid_file.read_text())), timeout=10)
+
+
+@pytest.mark.parametrize("scope", ["hparams", "file"])
+def test_the_prompt_states_the_rule(scope):
+    from tui.prompt import system_prompt
+    text = " ".join(system_prompt(scope, "train.py", 300).split())
+    assert "computed by fixed code from the model the script exports" in text
+    assert "must stay exportable" in text and "a run that exports no model is a crash" in text
