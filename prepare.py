@@ -952,7 +952,8 @@ def export_model(model, tokenizer, batch_size, run_dir=None):
     mx.export_function as run_dir/model.mlxfn. export.json is written last, so its presence means a whole export."""
     run_dir = run_dir or RUN_DIR
     if not run_dir:
-        raise PrepareError("export_model needs a run directory: AUTORESEARCH_RUN_DIR (the agent loop sets it) or run_dir=")
+        raise PrepareError("export_model needs a run directory: AUTORESEARCH_RUN_DIR (the agent loop sets it) "
+                           "or run_dir=")
     t0 = time.time()
     T, vocab = MAX_SEQ_LEN, len(get_token_bytes(tokenizer))
     B = _export_batch(batch_size, T, vocab)
@@ -992,7 +993,8 @@ def _read_export_meta(run_dir, T, vocab):
         raise ExportError(f"the export takes {meta.get('seq_len')} tokens over a vocabulary of {meta.get('vocab')}; "
                           f"the evaluation needs MAX_SEQ_LEN={T} and {vocab}: export with prepare.export_model(...)")
     if type(B) is not int or not 1 <= B <= most:
-        raise ExportError(f"the export's batch {B!r} is not between 1 and {most}: export with prepare.export_model(...)")
+        raise ExportError(f"the export's batch {B!r} is not between 1 and {most}: export with "
+                          f"prepare.export_model(...)")
     return meta
 
 
@@ -1111,8 +1113,8 @@ def _pt2_program(program, torch, B, T):
     if not all(isinstance(v, str) and _IDENT.fullmatch(v) for v in program.get("verifiers", [])):
         _pt2_fail("names a strange verifier")
     gm = program.get("graph_module")
-    if not isinstance(gm, dict) or not set(gm) <= {"graph", "signature", "module_call_graph", "metadata",
-                                                    "treespec_namedtuple_fields"} or gm.get("treespec_namedtuple_fields"):
+    if (not isinstance(gm, dict) or gm.get("treespec_namedtuple_fields")
+            or not set(gm) <= {"graph", "signature", "module_call_graph", "metadata", "treespec_namedtuple_fields"}):
         _pt2_fail("has a malformed graph module")
     graph = gm.get("graph")
     if not isinstance(graph, dict) or any(graph.get(k) for k in ("sym_int_values", "sym_bool_values",
@@ -1235,8 +1237,8 @@ class _TorchProgram:
         """Sum of the per-token cross-entropy (nats) of the first len(mask) rows where mask is true."""
         F = self.torch.nn.functional
         n, T = mask.shape
-        loss = F.cross_entropy(logits[:n].float().reshape(n * T, -1), self.torch.from_numpy(y[:n]).to(self.device).reshape(-1),
-                               reduction="none").view(n, T)
+        targets = self.torch.from_numpy(y[:n]).to(self.device).reshape(-1)
+        loss = F.cross_entropy(logits[:n].float().reshape(n * T, -1), targets, reduction="none").view(n, T)
         return float((loss * self.torch.from_numpy(mask).to(self.device)).sum().item())
 
     def gap(self, a, b):
@@ -1271,7 +1273,8 @@ class _MlxProgram:
 def _export_failure(what, e):
     """A library's exception as one line (tracebacks of torch's loader say nothing the agent can act on)."""
     first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-    return ExportError(f"{what}: {type(e).__name__}{': ' + first if first else ''}; export with prepare.export_model(...)")
+    return ExportError(f"{what}: {type(e).__name__}{': ' + first if first else ''}; export with "
+                       f"prepare.export_model(...)")
 
 
 def _check_logits(logits, B, T, vocab):
@@ -1305,7 +1308,8 @@ def _check_causal(program, x, logits, n, vocab):
 def evaluate_export(run_dir):
     """val_bpb of the model export_model() left in run_dir, with evaluate_bpb's rows and math: the sum of per-token
     nats over targets with byte length > 0, divided by ln 2 x their bytes. The program gets the inputs only, in
-    batches of the export's fixed size (the last one padded); the cross-entropy is computed here."""
+    batches of the export's fixed size (the last one padded); the cross-entropy is computed here. seconds: this
+    function's time; load_seconds: its part until the program was loaded (the framework's import included)."""
     t0 = time.time()
     tokenizer = Tokenizer.from_directory()
     token_bytes = get_token_bytes(tokenizer)
@@ -1327,6 +1331,7 @@ def evaluate_export(run_dir):
         raise
     except Exception as e:
         raise _export_failure(f"cannot load {path}", e)
+    loaded = time.time()
     total_nats = 0.0
     for i in range(0, len(rows), B):
         chunk = rows[i:i + B]
@@ -1346,7 +1351,7 @@ def evaluate_export(run_dir):
     if not math.isfinite(val_bpb):
         raise ExportError(f"the exported model's loss is {val_bpb} (its logits are not finite)")
     return {"val_bpb": val_bpb, "tokens": int(rows.shape[0] * T), "seconds": round(time.time() - t0, 3),
-            "model": meta["file"]}
+            "load_seconds": round(loaded - t0, 3), "model": meta["file"]}
 
 # ---------------------------------------------------------------------------
 # Command line

@@ -122,3 +122,10 @@ def test_endless_line_without_terminator_is_cut_not_hoarded():
     for _ in range(3):
         lines += p.feed(b"x" * (MAX_LINE_CHARS // 2 + 1))
     assert lines and len(p._pending) <= MAX_LINE_CHARS
+
+
+def test_a_summary_without_val_bpb_is_a_summary_and_the_sealed_line_completes_it():
+    p = parse_output(b"---\ntraining_seconds: 2.0\nnum_steps: 3\n")
+    assert p.final is not None and p.final.val_bpb is None and not p.final.ok and p.final.num_steps == 3
+    p = parse_output(b"---\nnum_steps: 3\n\nsealed evaluation: val_bpb 1.234567 on 4,096 tokens in 9.1s\n")
+    assert p.final.val_bpb == 1.234567 and p.final.ok

@@ -190,8 +190,9 @@ def test_a_pickled_weight_runs_under_torch_but_is_refused(toy_export, tmp_path):
         "data/weights/model_weights_config.json"))
     first = next(iter(config["config"].values()))
     first["use_pickle"] = True
-    path = tamper(tmp_path / "pickle.pt2", records={"data/weights/model_weights_config.json": json.dumps(config).encode(),
-                                                     f"data/weights/{first['path_name']}": pickle.dumps(_Evil(marker))})
+    path = tamper(tmp_path / "pickle.pt2", records={
+        "data/weights/model_weights_config.json": json.dumps(config).encode(),
+        f"data/weights/{first['path_name']}": pickle.dumps(_Evil(marker))})
     try:
         torch.export.load(str(path))
     except Exception:

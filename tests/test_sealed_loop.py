@@ -35,7 +35,8 @@ def test_real_trainer_a_fake_summary_is_not_kept_and_a_real_run_is_scored_by_the
     baseline, attack = rows
     assert 0 < baseline.val_bpb < 0.8 * uniform_bpb(tiny_dataset) and baseline.eval_seconds > 0
     log = (repo / "runs" / "exp0.log").read_text()
-    assert "Exported the model for the sealed evaluation" in log and f"sealed evaluation: val_bpb {baseline.val_bpb:.6f}" in log
+    assert "Exported the model for the sealed evaluation" in log
+    assert f"sealed evaluation: val_bpb {baseline.val_bpb:.6f}" in log
     work = repo / "runs" / "work" / "exp0"
     assert (work / "export.json").is_file() and not (work / "model.pt2").exists()  # scored, then dropped
     assert "the run exported no model" in attack.notes and attack.val_bpb == 0.0

@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from tui.parser import ParsedLine
+from tui.parser import SEALED_PREFIX, ParsedLine
 from tui.training_run import IS_WINDOWS, POLL_SECONDS, RunOutcome, kill_process_group
 
 EVALUATOR = "prepare.py"
@@ -116,12 +116,12 @@ class Evaluator:
         stopped = should_stop() if should_stop is not None else None
         if isinstance(result, SealedResult):
             final = replace(final, val_bpb=result.val_bpb)
-            text = (f"sealed evaluation: val_bpb {result.val_bpb:.6f} on {result.tokens:,} tokens in "
+            text = (f"{SEALED_PREFIX}val_bpb {result.val_bpb:.6f} on {result.tokens:,} tokens in "
                     f"{result.seconds:.1f}s ({EVALUATOR} --evaluate)")
             outcome = replace(outcome, final=final, eval_seconds=result.seconds)
             _drop_model(run_dir, result.model)
         else:
-            text = f"sealed evaluation: {result}"
+            text = f"{SEALED_PREFIX}{result}"
             outcome = replace(outcome, final=final, eval_error=None if stopped else result, stopped=stopped)
         if claimed is not None:
             text += f"; the trainer printed val_bpb {claimed}, which is not used"

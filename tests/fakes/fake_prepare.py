@@ -19,7 +19,8 @@ if __name__ == "__main__":
                 export = json.load(f)
             val_bpb = export["val_bpb"]
         except (OSError, ValueError, KeyError, TypeError) as e:
-            sys.exit(f"error: no usable export in {run_dir} ({type(e).__name__}): export with prepare.export_model(...)")
+            sys.exit(f"error: no usable export in {run_dir} ({type(e).__name__}): export with "
+                     f"prepare.export_model(...)")
         if export.get("eval_sleep"):
             with open(os.path.join(run_dir, "evaluator.pid"), "w") as f:
                 f.write(str(os.getpid()))

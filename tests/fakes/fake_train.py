@@ -2,13 +2,15 @@
 
 val_bpb is a function of the hyperparameter block (best near LEARNING_RATE = 0.02, DEPTH = 6), so a good edit really
 improves and a bad one really worsens. Like the real trainers, a run with AUTORESEARCH_RUN_DIR "exports" instead of
-printing val_bpb: it writes RUN_DIR/fake_model.json, which the fake prepare.py's --evaluate scores. MODE makes it crash, hang, diverge, tamper with prepare.py, and so on. Every
-run dumps its environment to runs/env-<pid>.json so tests can check that no secret reached it.
+printing val_bpb: it writes RUN_DIR/fake_model.json, which the fake prepare.py's --evaluate scores. MODE makes it
+crash, hang, diverge, tamper with prepare.py, and so on. Every run dumps its environment to runs/env-<pid>.json so
+tests can check that no secret reached it.
 
 MODE "noisy" adds Gaussian noise (standard deviation AUTORESEARCH_FAKE_NOISE, default 0.01) drawn from the seed and the
 script's text: a re-run with another seed, or any edit (even a no-op line), draws new noise, as a real trainer would.
-EVAL_SLEEP = <seconds> in the block makes the fake evaluator take that long. With SEED_GATES = True in the block, a file runs/slow-seed-<seed> makes the run with that seed slow (for kill
-tests) and runs/crash-seed-<seed> makes it crash.
+EVAL_SLEEP = <seconds> in the block makes the fake evaluator take that long. With SEED_GATES = True in the block,
+a file runs/slow-seed-<seed> makes the run with that seed slow (for kill tests) and runs/crash-seed-<seed> makes it
+crash.
 """
 
 import json
