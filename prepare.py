@@ -7,6 +7,7 @@ Usage:
     uv run prepare.py --num-shards 4         # fewer shards (-1 = all 6542)
     uv run prepare.py --text notes/ '*.md'   # offline: import local .txt/.md/.jsonl/.parquet as dataset "local"
     AUTORESEARCH_DATASET=local uv run train.py
+    python -I prepare.py --evaluate RUN_DIR  # the agent loop's sealed evaluation of a trainer's export_model()
 
 Environment (all optional):
     AUTORESEARCH_CACHE_DIR     where data lives (default ~/.cache/autoresearch)
@@ -17,6 +18,7 @@ Environment (all optional):
     AUTORESEARCH_EVAL_TOKENS   evaluation tokens (default from the profile; tests shrink it)
     AUTORESEARCH_MAX_SEQ_LEN   context length (default from the profile; for tests and sweeps only)
 Changing the last three breaks comparability with other runs; every run prints them.
+    AUTORESEARCH_RUN_DIR       set by the agent loop: the trainer exports its model there instead of evaluating it
 """
 
 import argparse
@@ -925,13 +927,454 @@ SUMMARY_FORMATS = {"val_bpb": ".6f", "training_seconds": ".1f", "total_seconds":
 
 def print_summary(**fields):
     """Print the end-of-run summary: `---`, then one `key: value` line for each of SUMMARY_FORMATS (all required,
-    in that order), then any further fields as given (e.g. an energy reading; the parser keeps them as extras)."""
+    in that order), then any further fields as given (e.g. an energy reading; the parser keeps them as extras).
+    val_bpb=None (the model was exported for the sealed evaluation, which reports val_bpb) leaves its line out."""
     missing = [key for key in SUMMARY_FORMATS if key not in fields]
     if missing:
         raise TypeError(f"print_summary() is missing {', '.join(missing)}")
     print("---")
     for key, value in {**dict.fromkeys(SUMMARY_FORMATS), **fields}.items():
-        print(f"{key + ':':<17} {value:{SUMMARY_FORMATS.get(key, '')}}")
+        if not (key == "val_bpb" and value is None):
+            print(f"{key + ':':<17} {value:{SUMMARY_FORMATS.get(key, '')}}")
+
+
+# ---------------------------------------------------------------------------
+# Sealed evaluation: the trainer exports its model, a separate process scores it (fixed code, do not modify)
+# ---------------------------------------------------------------------------
+# When the agent loop runs a trainer it sets AUTORESEARCH_RUN_DIR. The trainer then does not evaluate itself:
+# export_model() saves the trained model as a program mapping input ids (B, T) to logits (B, T, vocab), and the engine
+# runs `python -I -B prepare.py --evaluate RUN_DIR`, which feeds that program the evaluation inputs and computes bits
+# per byte from the logits itself. The program never sees a target, no code the agent wrote runs, and val_bpb is never
+# read from what the trainer prints. torch.export.load alone would run pickles, Python guard code and any torch.*
+# callable named in the file, so a .pt2 is checked against a strict schema and rebuilt before torch reads it.
+
+RUN_DIR = os.environ.get("AUTORESEARCH_RUN_DIR") or None
+EXPORT_META = "export.json"
+EXPORT_FILES = {"torch.export": "model.pt2", "mlx.export_function": "model.mlxfn"}
+CAUSAL_TOLERANCE = 1e-4  # relative: logits before a changed token may move by rounding only
+
+
+class ExportError(PrepareError):
+    """The exported model cannot be scored: missing, malformed, or doing what a model must not."""
+
+
+def _is_mlx_model(model):
+    mlx_nn = sys.modules.get("mlx.nn")  # an MLX model means mlx is loaded; never import it for a torch model
+    return mlx_nn is not None and isinstance(model, mlx_nn.Module)
+
+
+def _export_batch(batch_size, T, vocab):
+    """The evaluation batch: evaluate_bpb's chunk (fp32 logits under LOGITS_BUDGET_BYTES)."""
+    return max(1, min(batch_size, LOGITS_BUDGET_BYTES // (T * vocab * 4)))
+
+
+def export_model(model, tokenizer, batch_size, run_dir=None):
+    """Save the trained model for the sealed evaluation and return what export.json says. The program is model(idx)
+    (forward without targets: logits) for idx of shape (B, MAX_SEQ_LEN), B the batch evaluate_bpb would use.
+    PyTorch: torch.export.export, saved with its weights (torch.export.save) as run_dir/model.pt2; MLX:
+    mx.export_function as run_dir/model.mlxfn. export.json is written last, so its presence means a whole export."""
+    run_dir = run_dir or RUN_DIR
+    if not run_dir:
+        raise PrepareError("export_model needs a run directory: AUTORESEARCH_RUN_DIR (the agent loop sets it) "
+                           "or run_dir=")
+    t0 = time.time()
+    T, vocab = MAX_SEQ_LEN, len(get_token_bytes(tokenizer))
+    B = _export_batch(batch_size, T, vocab)
+    os.makedirs(run_dir, exist_ok=True)
+    fmt = "mlx.export_function" if _is_mlx_model(model) else "torch.export"
+    path = os.path.join(run_dir, EXPORT_FILES[fmt])
+    _remove_quietly(path)
+    if fmt == "mlx.export_function":
+        import mlx.core as mx
+        mx.export_function(path, lambda idx: model(idx), mx.zeros((B, T), dtype=mx.int32))
+    else:
+        import torch
+        module = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: export traces the module itself
+        example = torch.zeros((B, T), dtype=torch.long, device=next(module.parameters()).device)
+        torch.export.save(torch.export.export(module, (example,)), path)
+    meta = {"format": fmt, "file": EXPORT_FILES[fmt], "batch": B, "seq_len": T, "vocab": vocab}
+    _atomic_write_bytes(os.path.join(run_dir, EXPORT_META), json.dumps(meta).encode())
+    print(f"Exported the model for the sealed evaluation: {fmt}, ({B}, {T}) -> ({B}, {T}, {vocab}), "
+          f"{os.path.getsize(path) / 2**20:.1f} MiB in {time.time() - t0:.1f}s", flush=True)
+    return meta
+
+
+def _read_export_meta(run_dir, T, vocab):
+    path = os.path.join(run_dir, EXPORT_META)
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except FileNotFoundError:
+        raise ExportError(f"no {EXPORT_META} in {run_dir}: the trainer exported no model (keep the "
+                          f"prepare.export_model(...) call at the end of the training script)")
+    except (OSError, ValueError) as e:
+        raise ExportError(f"{path} is unreadable ({type(e).__name__}): export with prepare.export_model(...)")
+    if not isinstance(meta, dict) or meta.get("format") not in EXPORT_FILES:
+        raise ExportError(f"{path}: unknown export format; export with prepare.export_model(...)")
+    B, most = meta.get("batch"), _export_batch(1 << 62, T, vocab)
+    if meta.get("seq_len") != T or meta.get("vocab") != vocab:
+        raise ExportError(f"the export takes {meta.get('seq_len')} tokens over a vocabulary of {meta.get('vocab')}; "
+                          f"the evaluation needs MAX_SEQ_LEN={T} and {vocab}: export with prepare.export_model(...)")
+    if type(B) is not int or not 1 <= B <= most:
+        raise ExportError(f"the export's batch {B!r} is not between 1 and {most}: export with "
+                          f"prepare.export_model(...)")
+    return meta
+
+
+# -- a torch.export program, checked before torch reads it ---------------------------------------------------------
+
+_PT2_WEIGHT = re.compile(r"data/(weights/weight|constants/tensor)_\d+")
+_PT2_CONFIGS = {"data/weights/model_weights_config.json", "data/constants/model_constants_config.json"}
+_PT2_SKIPPED = {"archive_format", "archive_version", ".data/version", ".data/serialization_id"}  # the writer's own
+_ATEN_TARGET = re.compile(r"torch\.ops\.aten\.([A-Za-z0-9_]+)\.([A-Za-z0-9_]+)")
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,255}")
+_FQN = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
+_WORD = re.compile(r"[A-Za-z0-9_.:-]{0,64}")
+_DEVICES = ("cpu", "cuda", "mps")
+_DENIED_OPS = {"from_file", "_print"}  # reach outside the tensors they get: a file, the output stream
+_SCALAR_ARGS = {"as_int": int, "as_scalar_type": int, "as_memory_format": int, "as_layout": int, "as_bool": bool}
+
+
+def _pt2_fail(what):
+    raise ExportError(f"the exported program {what}; the sealed evaluation runs plain ATen programs written by "
+                      f"prepare.export_model(...) (torch.export of forward(idx) -> logits)")
+
+
+def _pt2_ints(values, what):
+    if not isinstance(values, list) or any(set(v) != {"as_int"} or type(v["as_int"]) is not int for v in values):
+        _pt2_fail(f"has a symbolic or malformed {what}")
+
+
+def _pt2_tensor_meta(meta):
+    if not isinstance(meta, dict) or not set(meta) <= {"dtype", "sizes", "requires_grad", "device", "strides",
+                                                        "storage_offset", "layout"}:
+        _pt2_fail("has a malformed tensor description")
+    _pt2_ints(meta.get("sizes"), "shape")
+    _pt2_ints(meta.get("strides"), "stride")
+    _pt2_ints([meta.get("storage_offset")], "storage offset")
+    device = meta.get("device")
+    if not isinstance(device, dict) or device.get("type") not in _DEVICES:
+        _pt2_fail(f"uses a device other than {', '.join(_DEVICES)}")
+
+
+def _pt2_name(value):
+    if not isinstance(value, dict) or set(value) != {"name"} or not _IDENT.fullmatch(str(value["name"])):
+        _pt2_fail("has a malformed value name")
+
+
+def _pt2_arg(arg):
+    """One argument of one node: tensors by name, or plain constants; nothing that names code or a symbol."""
+    if not isinstance(arg, dict) or len(arg) != 1:
+        _pt2_fail("has a malformed argument")
+    (kind, value), = arg.items()
+    if kind == "as_tensor":
+        _pt2_name(value)
+    elif kind == "as_tensors" and isinstance(value, list):
+        for v in value:
+            _pt2_name(v)
+    elif kind == "as_optional_tensors" and isinstance(value, list):
+        for v in value:
+            if not isinstance(v, dict) or set(v) not in ({"as_tensor"}, {"as_none"}):
+                _pt2_fail("has a malformed optional tensor")
+            _pt2_arg(v)
+    elif kind in _SCALAR_ARGS:
+        if type(value) is not _SCALAR_ARGS[kind]:
+            _pt2_fail(f"has a malformed {kind} argument")
+    elif kind in ("as_ints", "as_bools") and isinstance(value, list):
+        if any(type(v) is not (int if kind == "as_ints" else bool) for v in value):
+            _pt2_fail(f"has a malformed {kind} argument")
+    elif kind == "as_float":
+        if type(value) not in (int, float) and value not in ("inf", "-inf", "nan"):
+            _pt2_fail("has a malformed float argument")
+    elif kind == "as_floats" and isinstance(value, list):
+        for v in value:
+            _pt2_arg({"as_float": v})
+    elif kind == "as_none":
+        pass
+    elif kind == "as_string" and isinstance(value, str) and _WORD.fullmatch(value):
+        pass
+    elif kind == "as_device" and isinstance(value, dict) and value.get("type") in _DEVICES:
+        pass
+    else:
+        _pt2_fail(f"passes a {kind} argument")
+
+
+def _pt2_node(node, torch):
+    if not isinstance(node, dict) or not set(node) <= {"target", "inputs", "outputs", "metadata", "name",
+                                                        "is_hop_single_tensor_return"}:
+        _pt2_fail("has a malformed node")
+    target = str(node.get("target"))
+    m = _ATEN_TARGET.fullmatch(target)
+    if target != "_operator.getitem":
+        if not m:
+            _pt2_fail(f"calls {target[:80]} (only ATen operators are allowed)")
+        op, overload = m.groups()
+        packet = getattr(torch.ops.aten, op, None) if op not in _DENIED_OPS else None
+        schema = getattr(getattr(packet, overload, None), "_schema", None)
+        if schema is None:
+            _pt2_fail(f"calls aten.{op}.{overload}, which this evaluator does not run")
+        if schema.is_mutable:
+            _pt2_fail(f"calls the in-place operator aten.{op}.{overload} (a program with state could tell the "
+                      f"evaluation's calls apart): write x = x + y, not x += y, in forward")
+    for arg in node.get("inputs", []):
+        if not isinstance(arg, dict) or not isinstance(arg.get("name"), str):
+            _pt2_fail("has a malformed node input")
+        _pt2_arg(arg.get("arg"))
+    for out in node.get("outputs", []):
+        _pt2_arg(out)
+    node["metadata"] = {}  # stack traces and module paths: text that FX would paste into the code it generates
+
+
+def _pt2_program(program, torch, B, T):
+    """Check the serialized ExportedProgram and return it rebuilt from what was checked."""
+    if not isinstance(program, dict) or not set(program) <= {"graph_module", "opset_version", "range_constraints",
+                                                              "schema_version", "verifiers", "torch_version",
+                                                              "guards_code"}:
+        _pt2_fail("has unknown top-level fields")
+    if program.get("guards_code") or program.get("range_constraints"):
+        _pt2_fail("has guard code or symbolic shapes (export with static shapes)")
+    if not all(isinstance(v, str) and _IDENT.fullmatch(v) for v in program.get("verifiers", [])):
+        _pt2_fail("names a strange verifier")
+    gm = program.get("graph_module")
+    if (not isinstance(gm, dict) or gm.get("treespec_namedtuple_fields")
+            or not set(gm) <= {"graph", "signature", "module_call_graph", "metadata", "treespec_namedtuple_fields"}):
+        _pt2_fail("has a malformed graph module")
+    graph = gm.get("graph")
+    if not isinstance(graph, dict) or any(graph.get(k) for k in ("sym_int_values", "sym_bool_values",
+                                                                  "sym_float_values", "custom_obj_values")):
+        _pt2_fail("has symbolic values or custom objects")
+    for name, meta in graph.get("tensor_values", {}).items():
+        _pt2_name({"name": name})
+        _pt2_tensor_meta(meta)
+    for node in graph.get("nodes", []):
+        _pt2_node(node, torch)
+    for value in graph.get("inputs", []) + graph.get("outputs", []):
+        _pt2_arg(value)
+    if len(graph.get("outputs", [])) != 1 or "as_tensor" not in graph["outputs"][0]:
+        _pt2_fail("does not return exactly one tensor (the logits)")
+    signature = gm.get("signature") or {}
+    kinds = {"parameter": "parameter_name", "buffer": "buffer_name", "tensor_constant": "tensor_constant_name"}
+    users = []
+    for spec in signature.get("input_specs", []):
+        if not isinstance(spec, dict) or len(spec) != 1:
+            _pt2_fail("has a malformed input")
+        (kind, value), = spec.items()
+        if kind == "user_input":
+            _pt2_arg(value.get("arg"))
+            users.append(value)
+        elif kind in kinds and _FQN.fullmatch(str(value.get(kinds[kind]))):
+            _pt2_name(value.get("arg"))
+        else:
+            _pt2_fail(f"has an input of kind {kind}")
+    outputs = signature.get("output_specs", [])
+    if len(users) != 1 or len(outputs) != 1 or set(outputs[0]) != {"user_output"}:
+        _pt2_fail("does not map one input (the token ids) to one output (the logits): no state, no mutated buffers")
+    shape = [v["as_int"] for v in graph["tensor_values"].get(users[0]["arg"].get("as_tensor", {}).get("name"), {})
+             .get("sizes", [])]
+    if shape != [B, T]:
+        _pt2_fail(f"takes input ids of shape {tuple(shape)}, not ({B}, {T})")
+    from torch.utils import _pytree as pytree
+    example = torch.zeros((B, T), dtype=torch.long)
+    gm["metadata"] = {}
+    gm["module_call_graph"] = [{"fqn": "", "signature": {  # the calling convention of forward(idx), restated by us
+        "inputs": [], "outputs": [], "in_spec": pytree.treespec_dumps(pytree.tree_structure(((example,), {}))),
+        "out_spec": pytree.treespec_dumps(pytree.tree_structure(example)), "forward_arg_names": ["idx"]}}]
+    return program, example
+
+
+def _pt2_payload_config(text):
+    config = json.loads(text)
+    if not isinstance(config, dict) or set(config) != {"config"}:
+        _pt2_fail("has a malformed weights description")
+    for fqn, payload in config.get("config", {}).items():
+        if (not _FQN.fullmatch(fqn) or not set(payload) <= {"path_name", "is_param", "use_pickle", "tensor_meta"}
+                or payload.get("use_pickle") is not False
+                or not re.fullmatch(r"(weight|tensor)_\d+", str(payload.get("path_name")))):
+            _pt2_fail("stores a weight as a pickle or under a strange name")
+        _pt2_tensor_meta(payload.get("tensor_meta"))
+    return text
+
+
+def _load_torch_program(path, B, T):
+    """The export's module, loaded only after every record of the archive was checked and the archive rebuilt from
+    the checked records (tensor bytes, the graph without its free text, our own example input)."""
+    import io
+    os.environ.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"  # every torch.load in the loader: tensors only, no code
+    import torch
+    from torch.export.pt2_archive._package import PT2ArchiveReader, PT2ArchiveWriter
+    try:
+        reader = PT2ArchiveReader(path)
+        names = reader.get_file_names()
+    except Exception as e:
+        raise _export_failure(f"{path} is not a torch.export archive", e)
+    if "models/model.json" not in names:
+        _pt2_fail("has no models/model.json")
+    buffer = io.BytesIO()
+    with PT2ArchiveWriter(buffer) as writer:
+        for name in names:
+            if name in _PT2_SKIPPED:
+                continue
+            if name == "models/model.json":
+                program, example = _pt2_program(json.loads(reader.read_string(name)), torch, B, T)
+                writer.write_string(name, json.dumps(program))
+            elif name == "data/sample_inputs/model.pt":
+                sample = io.BytesIO()
+                torch.save(((example,), {}), sample)
+                writer.write_bytes(name, sample.getvalue())
+            elif name in _PT2_CONFIGS:
+                writer.write_string(name, _pt2_payload_config(reader.read_string(name)))
+            elif _PT2_WEIGHT.fullmatch(name) or (name == "byteorder" and reader.read_string(name) in ("little", "big")):
+                writer.write_bytes(name, reader.read_bytes(name))
+            else:
+                _pt2_fail(f"holds {name[:80]} (compiled code, pickles or extra files)")
+    buffer.seek(0)
+    program = torch.export.load(buffer)
+    import operator
+    for node in program.graph.nodes:  # what torch made of the names: only ATen operators and tuple indexing
+        if node.op == "call_function" and node.target is not operator.getitem and not (
+                isinstance(node.target, torch._ops.OpOverload) and node.target.namespace == "aten"):
+            _pt2_fail(f"calls {str(node.target)[:80]}")
+        elif node.op not in ("placeholder", "call_function", "output"):
+            _pt2_fail(f"has a {node.op} node")
+    return program.module()
+
+
+class _TorchProgram:
+    def __init__(self, path, B, T):
+        import torch
+        self.torch = torch
+        self.module = _load_torch_program(path, B, T)
+        devices = {t.device for t in list(self.module.parameters()) + list(self.module.buffers())}
+        if len(devices) > 1:
+            _pt2_fail("keeps its weights on more than one device")
+        self.device = devices.pop() if devices else torch.device("cpu")
+        if self.device.type == "cuda":
+            torch.set_float32_matmul_precision("high")  # as train.py does on CUDA: TF32 matmuls
+
+    def forward(self, x):
+        with self.torch.no_grad():
+            return self.module(self.torch.from_numpy(x).to(self.device))
+
+    def nats(self, logits, y, mask):
+        """Sum of the per-token cross-entropy (nats) of the first len(mask) rows where mask is true."""
+        F = self.torch.nn.functional
+        n, T = mask.shape
+        targets = self.torch.from_numpy(y[:n]).to(self.device).reshape(-1)
+        loss = F.cross_entropy(logits[:n].float().reshape(n * T, -1), targets, reduction="none").view(n, T)
+        return float((loss * self.torch.from_numpy(mask).to(self.device)).sum().item())
+
+    def gap(self, a, b):
+        """(max |a - b|, max |a|) over the vocabulary, per position."""
+        return ((a - b).abs().amax(-1).float().cpu().numpy(), a.abs().amax(-1).float().cpu().numpy())
+
+
+class _MlxProgram:
+    def __init__(self, path, B, T):
+        import mlx.core as mx
+        import mlx.nn as nn
+        self.mx, self.nn = mx, nn
+        self.fn = mx.import_function(path)
+
+    def forward(self, x):
+        out = self.fn(self.mx.array(x.astype(np.int32)))
+        if not isinstance(out, (list, tuple)) or len(out) != 1:
+            raise ExportError("the exported function does not return exactly one array (the logits)")
+        return out[0]
+
+    def nats(self, logits, y, mask):
+        mx, n = self.mx, mask.shape[0]
+        loss = self.nn.losses.cross_entropy(logits[:n], mx.array(y[:n].astype(np.int32)), reduction="none")
+        return float(mx.sum(mx.where(mx.array(mask), loss.astype(mx.float32), 0.0)).item())
+
+    def gap(self, a, b):
+        mx = self.mx
+        return (np.array(mx.max(mx.abs(a - b), axis=-1).astype(mx.float32)),
+                np.array(mx.max(mx.abs(a), axis=-1).astype(mx.float32)))
+
+
+def _export_failure(what, e):
+    """A library's exception as one line (tracebacks of torch's loader say nothing the agent can act on)."""
+    first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+    return ExportError(f"{what}: {type(e).__name__}{': ' + first if first else ''}; export with "
+                       f"prepare.export_model(...)")
+
+
+def _check_logits(logits, B, T, vocab):
+    if tuple(getattr(logits, "shape", ())) != (B, T, vocab):
+        raise ExportError(f"the exported model returns shape {tuple(getattr(logits, 'shape', ()))}, not the logits "
+                          f"({B}, {T}, {vocab}): export forward(idx) with targets=None")
+    return logits
+
+
+def _check_causal(program, x, logits, n, vocab):
+    """Each row again with every token from a secret random position on replaced: the logits before that position
+    must not move. A model that looks at later inputs sees the targets (they are the inputs shifted by one)."""
+    rng = np.random.default_rng()  # fresh entropy: the positions cannot be known in advance
+    B, T = x.shape
+    if T < 2:
+        return
+    cuts = rng.integers(1, T, size=B)
+    changed = x.copy()
+    for r, c in enumerate(cuts):
+        changed[r, c:] = (x[r, c:] + rng.integers(1, vocab, size=T - c)) % vocab
+    gap, scale = program.gap(logits, _check_logits(program.forward(changed), B, T, vocab))
+    before = (np.arange(T)[None, :] < cuts[:, None]) & (np.arange(B)[:, None] < n)
+    bad = np.argwhere(before & ~(gap <= CAUSAL_TOLERANCE * np.maximum(1.0, scale)))
+    if len(bad):
+        r, t = bad[0]
+        raise ExportError(f"the exported model looks ahead: its logits at position {t} change when the tokens from "
+                          f"position {cuts[r]} on change; a causal model is required (the targets are the inputs "
+                          f"shifted by one)")
+
+
+def evaluate_export(run_dir):
+    """val_bpb of the model export_model() left in run_dir, with evaluate_bpb's rows and math: the sum of per-token
+    nats over targets with byte length > 0, divided by ln 2 x their bytes. The program gets the inputs only, in
+    batches of the export's fixed size (the last one padded); the cross-entropy is computed here. seconds: this
+    function's time; load_seconds: its part until the program was loaded (the framework's import included)."""
+    t0 = time.time()
+    tokenizer = Tokenizer.from_directory()
+    token_bytes = get_token_bytes(tokenizer)
+    T, vocab = MAX_SEQ_LEN, len(token_bytes)
+    meta = _read_export_meta(run_dir, T, vocab)
+    B = meta["batch"]
+    rows = eval_rows(tokenizer, T)
+    nbytes_all = token_bytes[rows[:, 1:]]
+    total_bytes = int(nbytes_all.sum())
+    if total_bytes == 0:
+        raise PrepareError("the evaluation set has no bytes (only special tokens)")
+    path = os.path.join(run_dir, EXPORT_FILES[meta["format"]])
+    if not os.path.isfile(path):
+        raise ExportError(f"{EXPORT_META} names {meta['format']} but {path} is missing: export with "
+                          f"prepare.export_model(...)")
+    try:
+        program = (_TorchProgram if meta["format"] == "torch.export" else _MlxProgram)(path, B, T)
+    except ExportError:
+        raise
+    except Exception as e:
+        raise _export_failure(f"cannot load {path}", e)
+    loaded = time.time()
+    total_nats = 0.0
+    for i in range(0, len(rows), B):
+        chunk = rows[i:i + B]
+        n = len(chunk)
+        x, y = np.zeros((B, T), dtype=np.int64), np.zeros((B, T), dtype=np.int64)
+        x[:n], y[:n] = chunk[:, :-1], chunk[:, 1:]
+        try:
+            logits = _check_logits(program.forward(x), B, T, vocab)
+        except ExportError:
+            raise
+        except Exception as e:
+            raise _export_failure(f"the exported model failed on an evaluation batch of shape ({B}, {T})", e)
+        total_nats += program.nats(logits, y, nbytes_all[i:i + n] > 0)
+        if i == 0:
+            _check_causal(program, x, logits, n, vocab)
+    val_bpb = total_nats / (math.log(2) * total_bytes)
+    if not math.isfinite(val_bpb):
+        raise ExportError(f"the exported model's loss is {val_bpb} (its logits are not finite)")
+    return {"val_bpb": val_bpb, "tokens": int(rows.shape[0] * T), "seconds": round(time.time() - t0, 3),
+            "load_seconds": round(loaded - t0, 3), "model": meta["file"]}
 
 # ---------------------------------------------------------------------------
 # Command line
@@ -946,6 +1389,7 @@ def _positive_or_all(value):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
+        prog="prepare.py",  # also when the engine runs this file's text from stdin (tui/sealed.py)
         description="Prepare data for autoresearch: download climbmix (or import local text), train the tokenizer, "
                     "build the token cache.",
         epilog="Environment: AUTORESEARCH_CACHE_DIR, AUTORESEARCH_DATASET, AUTORESEARCH_PROFILE, HF_ENDPOINT.")
@@ -959,7 +1403,13 @@ def main(argv=None):
                              "(default AUTORESEARCH_DATASET or climbmix)")
     parser.add_argument("--profile", choices=sorted(PROFILES),
                         help="record this evaluation profile for this machine (default: chosen from the hardware)")
+    parser.add_argument("--evaluate", metavar="RUN_DIR",
+                        help="score the model a trainer exported to RUN_DIR (export_model) and print one JSON line "
+                             "(the agent loop's sealed evaluation)")
     args = parser.parse_args(argv)
+    if args.evaluate:
+        print(json.dumps(evaluate_export(args.evaluate)), flush=True)
+        return
     if args.download_workers < 1:
         parser.error("--download-workers must be at least 1")
 

@@ -29,8 +29,8 @@ from mlx.utils import tree_flatten, tree_map
 
 from backends import get_hardware_info, get_peak_memory_mb, suggest_hyperparameters
 from backends.muon_mlx import MuonAdamW
-from prepare import (MAX_SEQ_LEN, TIME_BUDGET, Tokenizer, describe_setup, evaluate_bpb, make_dataloader,
-                     print_summary)
+from prepare import (MAX_SEQ_LEN, RUN_DIR, TIME_BUDGET, Tokenizer, describe_setup, evaluate_bpb, export_model,
+                     make_dataloader, print_summary)
 
 ON_METAL = mx.metal.is_available()
 COMPUTE_DTYPE = mx.bfloat16 if ON_METAL else mx.float32  # bf16 on the GPU; CPUs without AVX-512 crawl in bf16
@@ -455,8 +455,13 @@ if __name__ == "__main__":
 # Final evaluation and summary
 # ---------------------------------------------------------------------------
 
-    print("Training complete. Evaluating...", flush=True)
-    val_bpb = evaluate_bpb(model, tokenizer, DEVICE_BATCH_SIZE)
+    if RUN_DIR:  # the agent loop scores the exported model in a separate process (prepare.py --evaluate)
+        print("Training complete. Exporting...", flush=True)
+        export_model(model, tokenizer, DEVICE_BATCH_SIZE)
+        val_bpb = None
+    else:
+        print("Training complete. Evaluating...", flush=True)
+        val_bpb = evaluate_bpb(model, tokenizer, DEVICE_BATCH_SIZE)
 
     t_end = time.time()
     steady_state_mfu = (100 * num_flops_per_token * TOTAL_BATCH_SIZE * (step - 10) / total_training_time / peak_flops

@@ -76,6 +76,26 @@ def run(backend, env, budget, settings, workdir):
         depth=summary["depth"], blas=blas.group(1) if blas else "")
 
 
+def prepare_corpus(corpus, workdir):
+    """A climbmix-layout folder prepared as dataset "bench" in a cache under workdir; returns the env that selects it."""
+    cache = os.path.join(workdir, "cache")
+    data = os.path.join(cache, "bench", "data")
+    os.makedirs(data)
+    for s in glob.glob(os.path.join(corpus, "shard_*.parquet")):
+        shutil.copy(s, data)
+    env = dict(AUTORESEARCH_CACHE_DIR=cache, AUTORESEARCH_DATASET="bench")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "prepare.py"), "--name", "bench"],
+                       env=dict(os.environ, **env), capture_output=True, text=True)
+    if r.returncode != 0:
+        sys.exit(f"error: preparing {corpus} failed:\n{r.stdout[-1000:]}{r.stderr[-1000:]}")
+    # reuse the machine's measured CPU peak instead of re-measuring in the temporary cache
+    hw_cache = os.path.join(os.path.expanduser(os.environ.get("AUTORESEARCH_CACHE_DIR") or
+                                               "~/.cache/autoresearch"), "hardware.json")
+    if os.path.exists(hw_cache):
+        shutil.copy(hw_cache, cache)
+    return env
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backends", default=None, help="comma list (default: every backend available here)")
@@ -89,24 +109,8 @@ def main():
     backends = args.backends.split(",") if args.backends else available_backends()
 
     workdir = tempfile.mkdtemp(prefix="ar-throughput-")
-    env = {}
     try:
-        if args.corpus:
-            cache = os.path.join(workdir, "cache")
-            data = os.path.join(cache, "bench", "data")
-            os.makedirs(data)
-            for s in glob.glob(os.path.join(args.corpus, "shard_*.parquet")):
-                shutil.copy(s, data)
-            env = dict(AUTORESEARCH_CACHE_DIR=cache, AUTORESEARCH_DATASET="bench")
-            r = subprocess.run([sys.executable, os.path.join(ROOT, "prepare.py"), "--name", "bench"],
-                               env=dict(os.environ, **env), capture_output=True, text=True)
-            if r.returncode != 0:
-                sys.exit(f"error: preparing {args.corpus} failed:\n{r.stdout[-1000:]}{r.stderr[-1000:]}")
-            # reuse the machine's measured CPU peak instead of re-measuring in the temporary cache
-            hw_cache = os.path.join(os.path.expanduser(os.environ.get("AUTORESEARCH_CACHE_DIR") or
-                                                       "~/.cache/autoresearch"), "hardware.json")
-            if os.path.exists(hw_cache):
-                shutil.copy(hw_cache, cache)
+        env = prepare_corpus(args.corpus, workdir) if args.corpus else {}
         results = {}
         for b in backends:
             results[b] = []

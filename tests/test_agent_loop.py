@@ -102,13 +102,15 @@ def test_good_edit_kept_worse_edit_reverted_user_files_untouched(repo, server):
     st, usage, _ = rec.of("stats")[-1]
     assert (st.runs, st.kept, st.discarded, st.best_val_bpb, st.best_exp, usage.tokens) == (3, 2, 1, 1.02, 1, 2400)
     assert usage.cost_usd == pytest.approx(0.012)
-    assert "val_bpb:          1.110000" in (repo / "runs" / "exp2.log").read_text()
+    log = (repo / "runs" / "exp2.log").read_text()  # the trainer exported; the sealed evaluation scored it
+    assert "sealed evaluation: val_bpb 1.110000 on 4,096 tokens" in log and "\nval_bpb:" not in log
+    assert all(x["eval_seconds"] for x in r)  # recorded apart from the trainer's seconds
     assert [s.step for s in rec.of("step")][:5] == [0, 1, 2, 3, 4]
     pids = [p for p in rec.of("pid") if p]
     assert len(pids) == 3 and all(dead(p) for p in pids)
 
-    # loop overhead (git, prompt, parsing, bookkeeping) per experiment, beyond training and the LLM
-    trained = sum(float(x["seconds"]) for x in r)
+    # loop overhead (git, prompt, parsing, bookkeeping) per experiment, beyond training, evaluation and the LLM
+    trained = sum(float(x["seconds"]) + float(x["eval_seconds"]) for x in r)
     assert (elapsed - trained) / 3 < 2.0
 
 

@@ -159,3 +159,17 @@ def test_print_summary_refuses_an_incomplete_block(capsys):
     with pytest.raises(TypeError, match="missing depth"):
         prepare.print_summary(**fields)
     assert capsys.readouterr().out == ""  # nothing half-written for the parser to take as a result
+
+
+def test_a_summary_without_val_bpb_is_a_summary_and_the_sealed_line_completes_it():
+    p = parse_output(b"---\ntraining_seconds: 2.0\nnum_steps: 3\n")
+    assert p.final is not None and p.final.val_bpb is None and not p.final.ok and p.final.num_steps == 3
+    p = parse_output(b"---\nnum_steps: 3\n\nsealed evaluation: val_bpb 1.234567 on 4,096 tokens in 9.1s\n")
+    assert p.final.val_bpb == 1.234567 and p.final.ok
+
+
+def test_print_summary_leaves_val_bpb_out_for_an_exported_model(capsys):
+    import prepare
+    prepare.print_summary(**{**RAW_FIELDS, "val_bpb": None})
+    out = capsys.readouterr().out
+    assert "val_bpb" not in out and parse_output(out.encode()).final.num_steps == 953

@@ -270,7 +270,7 @@ async def test_agent_mode_pause_diff_stop_and_quit(tmp_path, server):
         await until(pilot, lambda: isinstance(app.screen, DetailScreen), what="the detail view")
         detail = app.screen
         assert "-LEARNING_RATE = 0.01" in detail.diff_body and "+LEARNING_RATE = 0.02" in detail.diff_body
-        assert "val_bpb:          1.020000" in detail.log_body and detail.log_body.count("step 000") == 1
+        assert "sealed evaluation: val_bpb 1.020000" in detail.log_body and detail.log_body.count("step 000") == 1
         shown = screen_text(app)
         assert "+LEARNING_RATE = 0.02" in shown and "exp1.log (tail)" in shown
         await pilot.press("escape")

@@ -8,7 +8,8 @@ a training process, whatever the user's shell holds; secrets are removed even fr
 
 A RunHandle reports while the run goes on (wait(on_line) calls on_line for every output line, on the caller's thread),
 can be cancelled from any thread (cancel(reason): the run is killed with everything it spawned), and ends in one
-RunOutcome.
+RunOutcome, whose val_bpb comes from the sealed evaluation of the model the trainer exported (tui.sealed), never from
+what the trainer printed.
 """
 
 import os
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tui.credentials import scrub_env
+from tui.sealed import Evaluator
 from tui.training_run import KILL_GRACE, RunOutcome, TrainingRun
 
 # Variables a training run may see: the process basics, and the settings of the frameworks and libraries it uses.
@@ -51,6 +53,8 @@ class RunSpec:
     env: dict = field(default_factory=dict, hash=False)  # from run_env(): the whole environment of the run
     python: str = sys.executable
     label: str = ""  # "exp3" / "exp3 r1", for messages
+    run_dir: Path | None = None  # the run's own writable directory (<runs_dir>/work/exp{N}[-run{R}]), created empty
+    # before the run and passed as AUTORESEARCH_RUN_DIR: the trainer exports its model there (tui.sealed)
 
 
 class ExecutorError(RuntimeError):
@@ -82,8 +86,10 @@ class Executor:
 class LocalRun(RunHandle):
     def __init__(self, spec: RunSpec, cwd: Path, kill_grace: float):
         self.spec = spec
+        self.kill_grace = kill_grace
         self._reason: str | None = None
         self._lock = threading.Lock()
+        self.evaluator = Evaluator(cwd)  # the scoring code as it is before the trainer runs
         self.run = TrainingRun(spec.script, cwd, spec.log_path, deadline=spec.deadline, python=spec.python,
                                seed=spec.seed, env=spec.env, kill_grace=kill_grace,
                                should_stop=lambda: self._reason)
@@ -95,7 +101,9 @@ class LocalRun(RunHandle):
     def wait(self, on_line=None) -> RunOutcome:
         self.run.on_line = on_line
         try:
-            return self.run.wait()
+            outcome = self.run.wait()
+            return self.evaluator.seal(outcome, self.spec, self.kill_grace, should_stop=lambda: self._reason,
+                                       on_line=on_line)
         except BaseException:  # a forced exit (second signal) must not leave the trainer running
             self.run.kill(force=True)
             raise

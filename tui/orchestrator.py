@@ -15,6 +15,7 @@ orchestrator decides what runs and what a result means; how a run is carried out
 """
 
 import dataclasses
+import shutil
 import traceback
 from dataclasses import dataclass
 
@@ -275,11 +276,14 @@ class Orchestrator:
 
     def _train(self, trial: Trial, run: int, seed, log):
         cfg = self.cfg
+        run_dir = cfg.runs_dir / "work" / (f"exp{trial.exp}" + (f"-run{run}" if run else ""))
+        shutil.rmtree(run_dir, ignore_errors=True)  # an earlier attempt's export must not be scored for this one
+        run_dir.mkdir(parents=True)
         spec = RunSpec(commit=trial.commit, script=self.script, seed=seed, budget=cfg.time_budget,
                        dataset=cfg.dataset, deadline=cfg.timeout, log_path=log, python=cfg.python,
                        env=run_env(secrets=self.proposer.secrets, AUTORESEARCH_DATASET=cfg.dataset,
-                                   AUTORESEARCH_TIME_BUDGET=f"{cfg.time_budget:g}"),
-                       label=f"exp{trial.exp}" + (f" r{run}" if run else ""))
+                                   AUTORESEARCH_TIME_BUDGET=f"{cfg.time_budget:g}", AUTORESEARCH_RUN_DIR=run_dir),
+                       label=f"exp{trial.exp}" + (f" r{run}" if run else ""), run_dir=run_dir)
         try:
             handle = self.executor.submit(spec)
         except ExecutorError as e:

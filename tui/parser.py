@@ -3,8 +3,10 @@
 The trainers print a `\\r`-prefixed progress line per step:
     step 00042 (14.0%) | loss: 3.456789 | lrm: 1.00 | dt: 512ms | tok/sec: 4,000 | mfu: 51.2% | epoch: 1 |
         remaining: 258s   (one line)
-and, after training, a `---` line followed by `key:<spaces>value` lines (val_bpb, training_seconds, ...).
-That block is written by prepare.print_summary (the key order and number formats live there).
+and, after training, a `---` line followed by `key:<spaces>value` lines (val_bpb, training_seconds, ...), written by
+prepare.print_summary (the key order and number formats live there); a trainer run by the engine exports its model and
+leaves val_bpb out: the engine's `sealed evaluation: val_bpb X` line after the output gives it (tui.sealed scores the
+export), for readers of a log such as the dashboard's watch mode.
 Bytes arrive in arbitrary chunks, so decoding is incremental (a multi-byte UTF-8 character split across two reads
 stays intact) and lines are split on both `\\r` and `\\n`.
 """
@@ -22,6 +24,8 @@ from dataclasses import dataclass, field
 STEP_HEAD_RE = re.compile(r"^step\s+(\d+)\s*\(\s*([\d.]+)\s*%\s*\)")
 FINAL_LINE_RE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*):\s+(.*?)\s*$")
 BACKEND_RE = re.compile(r"^Backend:\s*(\S+)(?:\s*\((.*)\))?")
+SEALED_PREFIX = "sealed evaluation: "  # the engine's line after a run's output (tui.sealed)
+SEALED_RE = re.compile(r"^sealed evaluation: val_bpb (\S+)")
 FINAL_SEPARATOR = "---"
 TAIL_LINES = 60  # lines kept for crash reports (the traceback tail that reaches the next prompt)
 MAX_LINE_CHARS = 1 << 20  # output that never ends a line is cut into pieces of this size
@@ -46,7 +50,7 @@ class StepMetrics:
 
 @dataclass
 class FinalMetrics:
-    val_bpb: float
+    val_bpb: float | None = None  # None: the block had no val_bpb line (the engine's runs get it from tui.sealed)
     training_seconds: float | None = None
     total_seconds: float | None = None
     peak_vram_mb: float | None = None
@@ -61,7 +65,7 @@ class FinalMetrics:
 
     @property
     def ok(self) -> bool:
-        return math.isfinite(self.val_bpb) and self.val_bpb > 0
+        return self.val_bpb is not None and math.isfinite(self.val_bpb) and self.val_bpb > 0
 
 
 _FLOAT_KEYS = ("training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent", "total_tokens_M", "num_params_M")
@@ -109,11 +113,14 @@ def parse_step(line: str) -> StepMetrics | None:
 
 
 def build_final(values: dict) -> FinalMetrics | None:
-    """The `key: value` dict of a summary block -> FinalMetrics; None until val_bpb is present."""
-    if "val_bpb" not in values:
+    """The `key: value` dict of a summary block -> FinalMetrics; None until the block has a line. A trainer that
+    exported its model for the sealed evaluation prints no val_bpb line (val_bpb None)."""
+    if not values:
         return None
-    val = _number(values["val_bpb"])
-    fm = FinalMetrics(val_bpb=float("nan") if val is None else val)
+    fm = FinalMetrics()
+    if "val_bpb" in values:
+        val = _number(values["val_bpb"])
+        fm.val_bpb = float("nan") if val is None else val
     for key, raw in values.items():
         if key == "val_bpb":
             continue
@@ -143,8 +150,9 @@ class ParsedLine:
 class OutputParser:
     """Feed raw bytes (any chunking); get back complete lines with their parsed step, if any.
 
-    State after feeding: .final (FinalMetrics once val_bpb was seen after `---`), .failed (a FAIL line), .backend /
-    .device (from the `Backend: X (dev)` startup line), .last_step, .tail (recent non-step lines, for crash reports).
+    State after feeding: .final (FinalMetrics once a `key: value` line was seen after `---`), .failed (a FAIL line),
+    .backend / .device (from the `Backend: X (dev)` startup line), .last_step, .tail (recent non-step lines, for crash
+    reports).
     """
 
     def __init__(self, tail_lines: int = TAIL_LINES):
@@ -197,6 +205,9 @@ class OutputParser:
             if m:
                 self._final_values[m.group(1)] = m.group(2)
                 self.final = build_final(self._final_values)
+        m = SEALED_RE.match(stripped)
+        if m and self.final is not None:
+            self.final.val_bpb = _number(m.group(1))
         if stripped == "FAIL" or stripped.startswith("FAIL "):
             self.failed = True
         m = BACKEND_RE.match(stripped)

@@ -413,12 +413,16 @@ def system_prompt(scope: str, script_name: str, time_budget: float) -> str:
         what = (f"You may change anything in {script_name}: hyperparameters, the model, the optimizer, the training "
                 f"loop. prepare.py and backends/ are read-only (they hold the data, tokenizer and evaluation); a run "
                 f"that modifies them counts as a crash. Do not add dependencies. Keep the output format the script "
-                f"prints (the progress lines and the '---' summary with val_bpb), or the run counts as a crash.")
+                f"prints (the progress lines and the '---' summary), or the run counts as a crash.")
         fmt = FORMAT_FILE
     return f"""You are an autonomous ML researcher improving a small GPT pretraining script.
 Each experiment trains for a fixed budget of {time_budget:.0f} seconds and is then evaluated on held-out data.
 The metric is val_bpb (validation bits per byte): lower is better. An experiment that reliably beats the best so far
 is kept (the script stays changed); otherwise it is reverted.
+val_bpb is computed by fixed code from the model the script exports at its end (prepare.export_model: torch.export or
+mx.export_function of forward(idx) -> logits), never from what the script prints, so the model must stay exportable
+(no data-dependent Python control flow or in-place ops in forward) and causal, and a run that exports no model is a
+crash.
 
 {what}
 

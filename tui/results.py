@@ -36,6 +36,7 @@ COLUMNS = [
     "exp", "tok_sec", "mfu", "steps", "backend", "chip", "dataset", "seconds", "notes",  # ours (issue 5)
     "tag", "llm_tokens", "llm_cost",  # which agent run the row belongs to; LLM usage of the experiment
     "seed", "run", "kind",  # repeated runs of one commit (issue 8, see above)
+    "eval_seconds",  # the sealed evaluation's process, apart from `seconds` (the trainer's, which the budget counts)
 ]
 SCORED = ("keep", "discard")
 NO_COMMIT = "-"
@@ -100,6 +101,7 @@ class Row:
     seed: int | None = None  # None: the trainer's default
     run: int = 0
     kind: str = ""
+    eval_seconds: float | None = None
     extra: dict = field(default_factory=dict)  # columns this version does not know, kept as text
 
     @property
@@ -118,7 +120,7 @@ class Row:
                    backend=g("backend"), chip=g("chip"), dataset=g("dataset"), seconds=as_float(g("seconds")),
                    notes=text.get("notes") or "", tag=g("tag"), llm_tokens=tokens,
                    llm_cost=as_float(g("llm_cost")) if tokens is not None else None, seed=_as_int(g("seed")),
-                   run=_as_int(g("run")) or 0, kind=g("kind"),
+                   run=_as_int(g("run")) or 0, kind=g("kind"), eval_seconds=as_float(g("eval_seconds")),
                    extra={k: v for k, v in text.items() if k not in _FIELD_NAMES})
 
     def format(self) -> dict:
@@ -135,7 +137,7 @@ class Row:
                 "steps": opt(self.steps), "backend": self.backend, "chip": self.chip, "dataset": self.dataset,
                 "seconds": opt(self.seconds, "{:.1f}"), "notes": self.notes, "tag": self.tag,
                 "llm_tokens": opt(self.llm_tokens), "llm_cost": cost, "seed": opt(self.seed), "run": str(self.run),
-                "kind": self.kind}
+                "kind": self.kind, "eval_seconds": opt(self.eval_seconds, "{:.1f}")}
 
     def redacted(self, redact) -> "Row":
         """A copy with redact() applied to every text field (a model or a trainer could echo a key anywhere)."""

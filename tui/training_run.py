@@ -37,6 +37,8 @@ class RunOutcome:
     backend: str | None = None
     last_step: StepMetrics | None = None
     tail: list = field(default_factory=list)
+    eval_seconds: float | None = None  # the sealed evaluation's process (tui.sealed), apart from `seconds`
+    eval_error: str | None = None  # why the sealed evaluation gave no val_bpb
 
     @property
     def ok(self) -> bool:
@@ -50,6 +52,10 @@ class RunOutcome:
             return f"timed out after {self.seconds:.0f}s (killed)"
         if self.failed:
             return "FAIL: training diverged (loss NaN or exploded)"
+        if self.eval_error:
+            return self.eval_error
+        if self.final is not None and self.final.val_bpb is None:
+            return "the summary has no val_bpb"
         if self.final is not None and not self.final.ok:
             return f"val_bpb is {self.final.val_bpb} (not a finite positive number)"
         last = next((ln.strip() for ln in reversed(self.tail) if ln.strip()), "")

@@ -133,7 +133,8 @@ def make_row(exp: int, status: str, description: str, commit: str, outcome: RunO
                backend=(f.backend if f and f.backend else (outcome.backend if outcome else "")) or "",
                chip=(f.chip if f else "") or "", dataset=dataset, seconds=outcome.seconds if outcome else None,
                notes=notes, tag=tag, llm_tokens=usage.tokens if usage.calls else None,
-               llm_cost=usage.cost_usd if usage.calls else None, seed=seed, run=run, kind=kind)
+               llm_cost=usage.cost_usd if usage.calls else None, seed=seed, run=run, kind=kind,
+               eval_seconds=outcome.eval_seconds if outcome else None)
 
 
 def crash_text(exp: int, description: str, notes: str, tail) -> str:

@@ -188,7 +188,8 @@ class TrainingPanel(Widget):
             parts.append(Text.assemble(bar(pct / 100.0, bar_width, "green" if f is not None else "cyan"), tail,
                                        no_wrap=True, overflow="crop"))
         if f is not None:
-            val = Text(f"{f.val_bpb:.6f}", style="bold green" if f.ok else "bold red")
+            val = (Text("sealed evaluation…", style="dim") if f.val_bpb is None  # the engine scores the export
+                   else Text(f"{f.val_bpb:.6f}", style="bold green" if f.ok else "bold red"))
             time_text = f"{fmt_duration(f.training_seconds)} / {fmt_duration(f.total_seconds)}"
             params = "-" if f.num_params_M is None else f"{f.num_params_M:.1f}M"
             rows = [

@@ -1,13 +1,16 @@
 """Stand-in trainer for the agent tests: prints exactly the trainer output contract, fast.
 
 val_bpb is a function of the hyperparameter block (best near LEARNING_RATE = 0.02, DEPTH = 6), so a good edit really
-improves and a bad one really worsens. MODE makes it crash, hang, diverge, tamper with prepare.py, and so on. Every
-run dumps its environment to runs/env-<pid>.json so tests can check that no secret reached it.
+improves and a bad one really worsens. Like the real trainers, a run with AUTORESEARCH_RUN_DIR "exports" instead of
+printing val_bpb: it writes RUN_DIR/fake_model.json, which the fake prepare.py's --evaluate scores. MODE makes it
+crash, hang, diverge, tamper with prepare.py, and so on. Every run dumps its environment to runs/env-<pid>.json so
+tests can check that no secret reached it.
 
 MODE "noisy" adds Gaussian noise (standard deviation AUTORESEARCH_FAKE_NOISE, default 0.01) drawn from the seed and the
 script's text: a re-run with another seed, or any edit (even a no-op line), draws new noise, as a real trainer would.
-With SEED_GATES = True in the block, a file runs/slow-seed-<seed> makes the run with that seed slow (for kill
-tests) and runs/crash-seed-<seed> makes it crash.
+EVAL_SLEEP = <seconds> in the block makes the fake evaluator take that long. With SEED_GATES = True in the block,
+a file runs/slow-seed-<seed> makes the run with that seed slow (for kill tests) and runs/crash-seed-<seed> makes it
+crash.
 """
 
 import json
@@ -93,8 +96,13 @@ if MODE == "noisy":
 if MODE == "nanbpb":
     val_bpb = float("nan")
 training_seconds = time.time() - t0
+run_dir = os.environ.get("AUTORESEARCH_RUN_DIR")
+if run_dir:  # the engine scores the "export" with prepare.py --evaluate (the fake one reads this file)
+    with open(os.path.join(run_dir, "fake_model.json"), "w") as f:
+        json.dump({"val_bpb": val_bpb, "eval_sleep": globals().get("EVAL_SLEEP", 0)}, f)
 print("---")
-print(f"val_bpb:          {val_bpb:.6f}")
+if not run_dir:
+    print(f"val_bpb:          {val_bpb:.6f}")
 print(f"training_seconds: {training_seconds:.1f}")
 print(f"total_seconds:    {training_seconds + 0.1:.1f}")
 print(f"peak_vram_mb:     {512.0 + 64 * DEPTH:.1f}")

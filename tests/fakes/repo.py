@@ -12,7 +12,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 FAKE_TRAIN = HERE / "fake_train.py"
-FAKE_PREPARE = '"""Fake prepare.py for the agent tests: a protected file."""\nTIME_BUDGET = 1\n'
+FAKE_PREPARE = (HERE / "fake_prepare.py").read_text()  # protected; `--evaluate DIR` scores the fake's export
 FAKE_BACKENDS = '"""Fake backends package for the agent tests (protected)."""\n'
 GITIGNORE = "results.tsv\nruns/\n.runner_status.json\n.agent.lock\n__pycache__/\n"
 USER_TRACKED = "docs/notes.md"  # an unrelated tracked file the agent must never touch
