@@ -5,6 +5,7 @@ import pytest
 
 from fakes.agent import TEST_KEY
 from fakes.llm_servers import FakeLLMServer
+from tui import credentials
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -13,6 +14,14 @@ def _isolated_cache(tmp_path_factory):
     mp.setenv("AUTORESEARCH_CACHE_DIR", str(tmp_path_factory.mktemp("autoresearch-cache")))
     yield
     mp.undo()
+
+
+@pytest.fixture(autouse=True)
+def _forget_withdrawn_secrets():
+    """An agent takes its secrets out of os.environ and keeps them for a later agent of the same process
+    (tui.credentials.WITHDRAWN); a test's variables must not outlive the test that set them."""
+    yield
+    credentials.WITHDRAWN.clear()
 
 
 @pytest.fixture
