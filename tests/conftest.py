@@ -1,9 +1,11 @@
 """Shared fixtures. Every test stays away from the user's real cache (~/.cache/autoresearch): data, tokenizers, profile
 and the measured CPU peak go to a temporary directory for the session (tests that need their own cache set it)."""
 
+import json
+
 import pytest
 
-from fakes.agent import TEST_KEY
+from fakes.agent import STORED_KEY, TEST_KEY
 from fakes.llm_servers import FakeLLMServer
 from tui import credentials
 
@@ -31,3 +33,18 @@ def server(monkeypatch):
     s = FakeLLMServer("anthropic").start()
     yield s
     s.stop()
+
+
+@pytest.fixture
+def file_keyring(tmp_path, monkeypatch):
+    """STORED_KEY in a keyring file that an agent in this process and its training runs can both read (a run reads
+    AUTORESEARCH_TEST_KEYRING: the keyring is what a run can always reach without a sandbox)."""
+    import keyring
+    from fakes.test_keyring import FileKeyring
+    path = tmp_path / "kr.json"
+    path.write_text(json.dumps({"autoresearch/anthropic": STORED_KEY}))
+    monkeypatch.setenv("AUTORESEARCH_TEST_KEYRING", str(path))
+    previous = keyring.get_keyring()
+    keyring.set_keyring(FileKeyring())
+    yield path
+    keyring.set_keyring(previous)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from fakes.agent import Recorder, file_answer, make_config
+from fakes.agent import STORED_KEY, Recorder, file_answer, make_config
 from fakes.repo import agent_repo, git
 from tui.credentials import Redactor
 from tui.git_repo import GitRepo
@@ -30,7 +30,6 @@ from tui.workspace import Workspace
 
 ANCHOR = "print(\"Backend: cpu (cpu)\")"
 LR = ("LEARNING_RATE = 0.01", "LEARNING_RATE = 0.02")  # the "improvement" the hostile edit comes with
-STORED_KEY = "sk-ant-api03-STOREDKEY-fedcba9876543210"
 
 
 @pytest.fixture
@@ -205,20 +204,6 @@ with open(os.environ["AUTORESEARCH_TEST_KEYRING"]) as _f:
 with open(__file__, "a") as _f:
     _f.write("\n# " + _key + "\n")
 '''
-
-
-@pytest.fixture
-def file_keyring(tmp_path, monkeypatch):
-    """The stored key in a keyring file that the agent (in this process) and its runs can both read."""
-    import keyring
-    from fakes.test_keyring import FileKeyring
-    path = tmp_path / "kr.json"
-    path.write_text(json.dumps({"autoresearch/anthropic": STORED_KEY}))
-    monkeypatch.setenv("AUTORESEARCH_TEST_KEYRING", str(path))
-    previous = keyring.get_keyring()
-    keyring.set_keyring(FileKeyring())
-    yield path
-    keyring.set_keyring(previous)
 
 
 def test_the_key_written_into_the_script_at_runtime_is_never_committed_nor_sent(repo, server, file_keyring):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from fakes.agent import TEST_KEY, file_answer, make_config
+from fakes.agent import STORED_KEY, TEST_KEY, file_answer, make_config
 from fakes.repo import agent_repo, git
 from tui.credentials import is_child_hidden
 from tui.orchestrator import Orchestrator
@@ -28,7 +28,6 @@ from tui.results import ResultsFile
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
 HF_TOKEN = "hf_SECRETTOKENabcdefgh5555"
-STORED_KEY = "sk-ant-api03-STOREDKEY-fedcba9876543210"
 SECRETS = (TEST_KEY, HF_TOKEN, STORED_KEY)
 ANCHOR = "print(\"Backend: cpu (cpu)\")"
 
@@ -86,13 +85,12 @@ def repo(tmp_path):
     return agent_repo(tmp_path / "repo")
 
 
-def run_headless(repo, server, tmp_path, *extra):
-    """dashboard.py --agent --headless as a child of this test, with the keys in its initial environment."""
-    (tmp_path / "kr.json").write_text(json.dumps({"autoresearch/anthropic": STORED_KEY}))
+def run_headless(repo, server, keyring_file, *extra):
+    """dashboard.py --agent --headless as a child of this test, with the keys in its initial environment and the
+    stored key in its keyring."""
     env = {k: v for k, v in os.environ.items() if not is_child_hidden(k)}
     env.update(PYTHONUNBUFFERED="1", ANTHROPIC_API_KEY=TEST_KEY, HF_TOKEN=HF_TOKEN, PYTHONPATH=str(TESTS),
-               PYTHON_KEYRING_BACKEND="fakes.test_keyring.FileKeyring",
-               AUTORESEARCH_TEST_KEYRING=str(tmp_path / "kr.json"))
+               PYTHON_KEYRING_BACKEND="fakes.test_keyring.FileKeyring", AUTORESEARCH_TEST_KEYRING=str(keyring_file))
     args = ["--agent", "--headless", "--tag", "t1", "--model", "claude-sonnet-4-6", "--base-url", server.base_url,
             "--script", "train.py", "--timeout", "30", "--keep-rule", "single", "--noise-runs", "1", "--scope", "file",
             *extra]
@@ -118,9 +116,9 @@ def texts_written(repo, output=""):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc is Linux's")
-def test_a_run_that_reads_its_parent_and_the_keyring_leaks_nothing_the_agent_writes(repo, server, tmp_path):
+def test_a_run_that_reads_its_parent_and_the_keyring_leaks_nothing_the_agent_writes(repo, server, file_keyring):
     server.push(server.text(file_answer([(ANCHOR, ANCHOR + "\n" + STEAL)], "look around")))
-    p = run_headless(repo, server, tmp_path, "--max", "2")
+    p = run_headless(repo, server, file_keyring, "--max", "2")
     assert p.returncode == 0, p.stdout + p.stderr
     assert statuses(repo) == [(0, "keep"), (1, "discard")]
 
@@ -138,21 +136,7 @@ def test_a_run_that_reads_its_parent_and_the_keyring_leaks_nothing_the_agent_wri
         assert not leaks(text), where
 
 
-@pytest.fixture
-def file_keyring(tmp_path, monkeypatch):
-    """The stored key in a keyring file the agent (in this process) and its runs can both read."""
-    import keyring
-    from fakes.test_keyring import FileKeyring
-    path = tmp_path / "kr.json"
-    path.write_text(json.dumps({"autoresearch/anthropic": STORED_KEY}))
-    monkeypatch.setenv("AUTORESEARCH_TEST_KEYRING", str(path))
-    previous = keyring.get_keyring()
-    keyring.set_keyring(FileKeyring())
-    yield path
-    keyring.set_keyring(previous)
-
-
-def test_a_crash_that_prints_the_key_in_many_spellings_reaches_the_next_prompt_redacted(repo, server, file_keyring):
+def test_a_crash_printing_the_key_in_many_spellings_reaches_the_next_prompt_redacted(repo, server, file_keyring):
     server.push(server.text(file_answer([(ANCHOR, ANCHOR + "\n" + LEAK_AND_CRASH)], "leak and crash")),
                 server.text(file_answer([("LEARNING_RATE = 0.01", "LEARNING_RATE = 0.02")], "raise lr")))
     summary = Orchestrator(make_config(repo, server, scope="file", max_experiments=3)).run()
@@ -166,11 +150,11 @@ def test_a_crash_that_prints_the_key_in_many_spellings_reaches_the_next_prompt_r
         assert not leaks(text), where
 
 
-def test_an_edit_that_writes_a_secret_into_the_script_is_skipped_and_never_committed(repo, server, tmp_path):
+def test_an_edit_that_writes_a_secret_into_the_script_is_skipped_and_never_committed(repo, server, file_keyring):
     hidden = base64.b64encode(b"key=" + TEST_KEY.encode()).decode()  # the model echoed the key, base64-encoded
     server.push(server.text(file_answer([("DEPTH = 4", f"DEPTH = 4\nTOKEN = {hidden!r}")], "keep a token")),
                 server.text(file_answer([("LEARNING_RATE = 0.01", "LEARNING_RATE = 0.02")], "raise lr")))
-    p = run_headless(repo, server, tmp_path, "--max", "3")
+    p = run_headless(repo, server, file_keyring, "--max", "3")
     assert p.returncode == 0, p.stdout + p.stderr
     assert statuses(repo) == [(0, "keep"), (1, "skip"), (2, "keep")]
     row = ResultsFile(repo / "results.tsv").load()[1]
