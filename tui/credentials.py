@@ -3,13 +3,19 @@
 A key never goes on a command line, into a log, results.tsv, a commit, the status file, or the training subprocess.
 keyring picks the platform store (macOS Keychain, Linux Secret Service, Windows Credential Locker); entries live under
 service "autoresearch" with the provider name as the user name.
+
+Once the LLM client is built the agent keeps its secrets in memory only (withdraw_secrets, harden_process): the
+code a training run executes is LLM-written, so it is treated as hostile, and it starts as the agent's child.
 """
 
+import base64
 import os
 import re
+import sys
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
+from tui.atomic import write_atomic
 from tui.llm import PROVIDERS
 
 KEYRING_SERVICE = "autoresearch"
@@ -26,6 +32,8 @@ ENV_VARS = {
 SECRET_NAME_RE = re.compile(r"(_API_KEY$|_TOKEN$|SECRET|PASSWORD|PASSWD|CREDENTIAL|ACCESS_KEY|PRIVATE_KEY|^API_KEY$)",
                             re.IGNORECASE)
 PROVIDER_PREFIXES = ("ANTHROPIC_", "OPENAI_", "OPENROUTER_", "OLLAMA_", "AZURE_OPENAI_", "CLAUDE_")
+MIN_SECRET = 8  # shorter values are not treated as secrets (too many false matches)
+REDACTED = "[redacted]"
 
 
 class CredentialError(RuntimeError):
@@ -121,7 +129,7 @@ def find_key(provider: str, base_url: str | None = None, environ=None) -> Creden
     if provider == "openai" and base_url and "openrouter.ai" in base_url:
         names = ("OPENROUTER_API_KEY",) + names
     for name in names:
-        value = environ.get(name, "").strip()
+        value = environ.get(name, "").strip() or (WITHDRAWN.get(name, "").strip() if environ is os.environ else "")
         if value:
             return Credential(provider, value, f"env {name}")
     stored = keyring_get(provider)
@@ -160,20 +168,133 @@ def is_child_hidden(name: str) -> bool:
 def scrub_env(environ=None, secrets=()) -> dict:
     """A copy of environ without secrets: by variable name, and any variable whose value contains a known key."""
     environ = os.environ if environ is None else environ
-    secrets = [s for s in secrets if s and len(s) >= 8]
+    secrets = [s for s in secrets if s and len(s) >= MIN_SECRET]
     return {k: v for k, v in environ.items()
             if not is_child_hidden(k) and not any(s in v for s in secrets)}
 
 
+# ---------------------------------------------------------------------------
+# Secrets in memory only: out of the environment, out of reach of the agent's children
+# ---------------------------------------------------------------------------
+
+# variables withdraw_secrets() took out of os.environ (name -> value): a second agent started by the same process
+# (the dashboard, tests) still finds its key, and no child process inherits it
+WITHDRAWN: dict = {}
+
+PR_SET_DUMPABLE, PR_CAPBSET_DROP, CAP_SYS_PTRACE = 4, 24, 19  # <linux/prctl.h>, <linux/capability.h>
+
+
+def known_env_secrets() -> list:
+    """Values of the secret-named variables this process was given (still in os.environ or already withdrawn)."""
+    return list(dict.fromkeys(v for env in (os.environ, WITHDRAWN) for k, v in env.items()
+                              if is_secret_name(k) and len(v) >= MIN_SECRET))
+
+
+def withdraw_secrets(secrets=()) -> None:
+    """Take every secret-named variable, and every variable holding one of `secrets`, out of os.environ (kept in
+    WITHDRAWN) and overwrite the known secrets in the environment block the process started with."""
+    known = [s for s in secrets if s and len(s) >= MIN_SECRET]
+    names = [k for k, v in os.environ.items() if is_secret_name(k) or any(s in v for s in known)]
+    _blank_initial_environment(known + [os.environ[k] for k in names])
+    for name in names:
+        WITHDRAWN[name] = os.environ.pop(name)
+
+
+def _blank_initial_environment(values) -> None:
+    """/proc/<pid>/environ shows the block the process was started with, whatever os.environ (and unsetenv) did
+    since, and on Linux a child running as the same user or as root can read it. Overwrite every known secret in
+    that block in place (same length: no other variable moves)."""
+    values = [v.encode("utf-8") for v in values if len(v) >= MIN_SECRET]
+    if not sys.platform.startswith("linux") or not values:
+        return
+    try:
+        import ctypes
+        with open("/proc/self/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        start, end = int(fields[47]), int(fields[48])  # fields 50 and 51 of proc(5): env_start, env_end
+        if not 0 < start < end:
+            return
+        block = ctypes.string_at(start, end - start)
+    except (OSError, ValueError, IndexError):
+        return
+    for raw in values:
+        i = block.find(raw)
+        while i >= 0:
+            ctypes.memset(start + i, ord("*"), len(raw))
+            i = block.find(raw, i + len(raw))
+
+
+def harden_process() -> None:
+    """Linux: the agent's children cannot read its memory (where the key lives). Not dumpable: /proc/<pid>/mem and
+    ptrace are closed to other processes of the same user. That does not stop root, so as root also drop
+    CAP_SYS_PTRACE from the bounding set: every program the agent starts from now on runs without it (the agent
+    itself keeps its own capabilities). Without CAP_SETPCAP the drop fails, and there is nothing to drop. The bounding
+    set belongs to the thread: call this on the thread that starts the children (the loop's)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return
+    arg = ctypes.c_ulong
+    libc.prctl(PR_SET_DUMPABLE, arg(0), arg(0), arg(0), arg(0))
+    libc.prctl(PR_CAPBSET_DROP, arg(CAP_SYS_PTRACE), arg(0), arg(0), arg(0))
+
+
+# ---------------------------------------------------------------------------
+# Redaction
+# ---------------------------------------------------------------------------
+
+def secret_forms(secret: str) -> set:
+    """The spellings of a secret a hostile program is most likely to print: raw, reversed, hex (lower and upper),
+    base64 (standard and URL-safe, with and without padding) and, for base64 of a longer text that contains the
+    secret, the characters that depend on the secret alone at each of the 3 byte offsets it can start at."""
+    raw = secret.encode("utf-8")
+    forms = {secret, secret[::-1], raw.hex(), raw.hex().upper()}
+    for encode in (base64.b64encode, base64.urlsafe_b64encode):
+        full = encode(raw).decode("ascii")
+        forms |= {full, full.rstrip("=")}
+        for offset in range(3):
+            body = raw[(3 - offset) % 3:]
+            forms.add(encode(body[:len(body) - len(body) % 3]).decode("ascii"))
+    return {f for f in forms if len(f) >= MIN_SECRET}
+
+
 class Redactor:
-    """Replaces known key values in any text we write (logs, results, commit messages, status file)."""
+    """Replaces every known secret, in each of its secret_forms, in any text we write or send (logs, results,
+    commit messages, the status file, prompts)."""
 
     def __init__(self, secrets=()):
-        self.secrets = [s for s in secrets if s and len(s) >= 8]
+        self.secrets = list(dict.fromkeys(s for s in secrets if s and len(s) >= MIN_SECRET))
+        # longest first: at any position the whole form is replaced, not a shorter form inside it
+        forms = sorted({f for s in self.secrets for f in secret_forms(s)}, key=lambda f: (-len(f), f))
+        self._pattern = re.compile("|".join(map(re.escape, forms))) if forms else None
 
     def __call__(self, text):
-        if not isinstance(text, str) or not self.secrets:
+        if not isinstance(text, str) or self._pattern is None:
             return text
-        for s in self.secrets:
-            text = text.replace(s, "[redacted]")
-        return text
+        return self._pattern.sub(REDACTED, text)
+
+    def finds(self, text: str) -> bool:
+        """Does text hold a known secret in any of its forms?"""
+        return self._pattern is not None and self._pattern.search(text) is not None
+
+    def redact_bytes(self, data: bytes) -> bytes:
+        """Bytes that need not be UTF-8 (a log, a binary file): undecodable bytes pass through unchanged."""
+        if self._pattern is None:
+            return data
+        return self(data.decode("utf-8", errors="surrogateescape")).encode("utf-8", errors="surrogateescape")
+
+    def redact_file(self, path) -> bool:
+        """Rewrite a file (atomically) without the secrets it holds; True when it held one."""
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError:
+            return False
+        clean = self.redact_bytes(data)
+        if clean == data:
+            return False
+        write_atomic(path, clean)
+        return True

@@ -4,6 +4,11 @@ Reverting an experiment restores the training script alone (from the experiment'
 commit is HEAD and not on any remote, drops that commit with a soft reset: no other tracked file and no untracked
 file is ever touched. Each experiment commit stays reachable under refs/autoresearch/<tag>/expN so its diff can be
 shown later even after it was dropped from the branch.
+
+Every git call runs with hooks and the fsmonitor disabled (a training run is LLM-written code: it may have installed
+.git/hooks/* or a fsmonitor command, which git would otherwise run for us) and in a scrubbed environment: no
+secret-named or provider variable, no GIT_* variable from outside (GIT_DIR, GIT_CONFIG_*, ... would redirect or
+reconfigure git) except the commit identity.
 """
 
 import os
@@ -11,7 +16,11 @@ import re
 import subprocess
 from pathlib import Path
 
+from tui.credentials import scrub_env
+
 GIT_TIMEOUT = 30.0
+SAFE_CONFIG = ("-c", f"core.hooksPath={os.devnull}", "-c", "core.fsmonitor=false")
+IDENTITY_VARS = ("GIT_AUTHOR_NAME", "GIT_AUTHOR_EMAIL", "GIT_COMMITTER_NAME", "GIT_COMMITTER_EMAIL")
 REF_NAMESPACE = "refs/autoresearch"
 FALLBACK_IDENTITY = {"GIT_AUTHOR_NAME": "autoresearch", "GIT_AUTHOR_EMAIL": "autoresearch@localhost",
                      "GIT_COMMITTER_NAME": "autoresearch", "GIT_COMMITTER_EMAIL": "autoresearch@localhost"}
@@ -41,22 +50,26 @@ class GitRepo:
 
     # -- plumbing --------------------------------------------------------------
 
-    def run(self, *args, check: bool = True, env: dict | None = None) -> str:
-        full_env = None
-        if env:
-            full_env = dict(os.environ)
-            full_env.update(env)
+    def _git(self, args, env: dict | None = None) -> subprocess.CompletedProcess:
+        """The one place git is started (bytes out): hooks off, scrubbed environment (see the module docstring)."""
+        full_env = {k: v for k, v in scrub_env(os.environ).items()
+                    if not k.upper().startswith("GIT_") or k in IDENTITY_VARS}
+        full_env.update(env or {})
         try:
-            p = subprocess.run(["git", *args], cwd=self.path, capture_output=True, text=True, timeout=self.timeout,
-                               env=full_env, stdin=subprocess.DEVNULL, encoding="utf-8", errors="replace")
+            return subprocess.run(["git", *SAFE_CONFIG, *args], cwd=self.path, capture_output=True,
+                                  timeout=self.timeout, env=full_env, stdin=subprocess.DEVNULL)
         except FileNotFoundError:
             raise GitError("git is not installed or not on PATH") from None
         except subprocess.TimeoutExpired:
             raise GitError(f"git {' '.join(args)} timed out after {self.timeout:.0f}s") from None
+
+    def run(self, *args, check: bool = True, env: dict | None = None) -> str:
+        p = self._git(args, env)
+        out = p.stdout.decode("utf-8", errors="replace")
         if check and p.returncode != 0:
-            msg = (p.stderr.strip() or p.stdout.strip()).splitlines()
+            msg = (p.stderr.decode("utf-8", errors="replace").strip() or out.strip()).splitlines()
             raise GitError(f"git {' '.join(args)} failed: {msg[-1] if msg else f'exit code {p.returncode}'}")
-        return p.stdout
+        return out
 
     def expect(self, branch: str, head: str) -> None:
         """Raise GitMoved unless `branch` is checked out at `head`: called before every write, so a user who checked
@@ -72,18 +85,17 @@ class GitRepo:
 
     def ok(self, *args) -> bool:
         """True when the git command exits 0 (for yes/no questions such as diff --quiet)."""
-        try:
-            p = subprocess.run(["git", *args], cwd=self.path, capture_output=True, timeout=self.timeout,
-                               stdin=subprocess.DEVNULL)
-        except (FileNotFoundError, subprocess.TimeoutExpired) as e:
-            raise GitError(f"git {' '.join(args)} failed: {e}") from None
-        return p.returncode == 0
+        return self._git(args).returncode == 0
 
     def is_repo(self) -> bool:
         try:
             return self.run("rev-parse", "--is-inside-work-tree", check=False).strip() == "true"
         except GitError:
             return False
+
+    def common_dir(self) -> Path:
+        """Where hooks and config live (.git, or the main repository's for a worktree)."""
+        return (self.path / self.run("rev-parse", "--git-common-dir").strip()).resolve()
 
     def has_commits(self) -> bool:
         return bool(self.run("rev-parse", "--verify", "-q", "HEAD", check=False).strip())
@@ -126,8 +138,7 @@ class GitRepo:
         return bool(self.run("branch", "-r", "--contains", rev, check=False).strip())
 
     def show(self, rev: str, path: str) -> bytes:
-        p = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=self.path, capture_output=True,
-                           timeout=self.timeout, stdin=subprocess.DEVNULL)
+        p = self._git(["show", f"{rev}:{path}"])
         if p.returncode != 0:
             raise GitError(f"git show {rev}:{path} failed: {p.stderr.decode(errors='replace').strip()}")
         return p.stdout

@@ -239,6 +239,9 @@ class Orchestrator:
             trial = Trial(n, sha, desc, reasoning)
             self._committed = trial
             self.git.keep_ref(self.cfg.tag, n, sha)
+        except SkipExperiment as s:  # the edit holds a secret: nothing was written
+            self._record_skip(n, s.reason, usage)
+            return
         except GitMoved:
             raise
         except (GitError, OSError) as e:
@@ -262,7 +265,7 @@ class Orchestrator:
         self.status.set(state, message)
         outcome = self._train(trial, run, seed, log)
         self.status.set(State.EVALUATING, f"exp{trial.exp}: evaluating")
-        status, notes = judge(outcome, self.session.protected.restore(), self.cfg.time_budget,
+        status, notes = judge(outcome, self._after_run(trial, run, outcome), self.cfg.time_budget,
                               self.cfg.budget_allowance)
         if status is None and outcome.returncode not in (0, None):
             self._log(f"the trainer exited with code {outcome.returncode} after printing its summary", "warning")
@@ -274,6 +277,22 @@ class Orchestrator:
         trial.add(row.redacted(self.redact), outcome.final.val_bpb if status is None else None, seed)
         return status, notes, outcome
 
+    def _after_run(self, trial: Trial, run: int, outcome) -> list:
+        """Before anything is judged, committed or sent: repair what the run changed (tui.integrity) and take every
+        known secret out of its log file and of the crash tail. Returns what the run changed (then it is a crash)."""
+        label = f"exp{trial.exp}" + (f"-run{run}" if run else "")
+        repair = self.session.integrity.verify_and_repair(trial.commit, label)
+        if outcome.log_path is not None:
+            self.redact.redact_file(outcome.log_path)
+        outcome.tail = [self.redact(line) for line in outcome.tail]
+        if repair.touched:
+            saved = f"; what it left is saved in {repair.quarantine}" if repair.quarantine else ""
+            self._log(f"{label}: the run changed what it may not change (a crash): "
+                      f"{'; '.join(repair.details)}{saved}", "warning")
+        for line in repair.warnings:
+            self._log(f"{label}: {line}", "warning")
+        return repair.touched
+
     def _train(self, trial: Trial, run: int, seed, log):
         cfg = self.cfg
         run_dir = cfg.runs_dir / "work" / (f"exp{trial.exp}" + (f"-run{run}" if run else ""))
@@ -281,8 +300,10 @@ class Orchestrator:
         run_dir.mkdir(parents=True)
         spec = RunSpec(commit=trial.commit, script=self.script, seed=seed, budget=cfg.time_budget,
                        dataset=cfg.dataset, deadline=cfg.timeout, log_path=log, python=cfg.python,
+                       # no bytecode: a pyc next to a protected module is then always planted (tui.integrity)
                        env=run_env(secrets=self.proposer.secrets, AUTORESEARCH_DATASET=cfg.dataset,
-                                   AUTORESEARCH_TIME_BUDGET=f"{cfg.time_budget:g}", AUTORESEARCH_RUN_DIR=run_dir),
+                                   AUTORESEARCH_TIME_BUDGET=f"{cfg.time_budget:g}", AUTORESEARCH_RUN_DIR=run_dir,
+                                   PYTHONDONTWRITEBYTECODE="1"),
                        label=f"exp{trial.exp}" + (f" r{run}" if run else ""), run_dir=run_dir)
         try:
             handle = self.executor.submit(spec)
@@ -364,6 +385,9 @@ class Orchestrator:
             self._skips_in_a_row = 0
 
     def _append(self, row) -> None:
+        fixed = self.results.restore()  # changed since our last write (a leftover process, a user): ours again
+        if fixed:
+            self._log(f"{fixed} before recording {row.label}", "warning")
         self.results.append(row)
         self.rows.append(row)
 

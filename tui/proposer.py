@@ -3,14 +3,17 @@ corrective retry for an unusable answer), retries with backoff, and token/cost a
 
 Every call runs interruptibly: a stop, skip or abort command ends the wait for an answer at once (tui.controls).
 The key is known here only to build the client and to redact it (and every secret-named variable's value) from
-anything the loop writes.
+anything the loop writes or sends. Once the client is built the secrets leave the process environment and the process
+is closed to its children's inspection (tui.credentials.withdraw_secrets, harden_process); every prompt is redacted
+before it is sent (a crash tail or a row could carry what a hostile run printed).
 """
 
 import os
 
 from tui.config import AgentConfig
 from tui.controls import Controls, FatalError, SkipExperiment, StopRequested
-from tui.credentials import CredentialError, Redactor, is_local_url, is_secret_name, resolve_key
+from tui.credentials import (CredentialError, Redactor, harden_process, is_local_url, keyring_get, known_env_secrets,
+                             resolve_key, withdraw_secrets)
 from tui.events import State
 from tui.llm import (Interrupted, LLMError, RetryPolicy, Usage, call_with_retry, make_provider,
                      run_interruptibly)
@@ -41,24 +44,32 @@ class Proposer:
     def connect(self) -> None:
         """Build the client (key from the environment or the OS store) and prove it works."""
         cfg = self.cfg
-        env_secrets = [v for k, v in os.environ.items() if is_secret_name(k) and len(v) >= 8]
+        env_secrets = known_env_secrets()
         if self.provider is None:
             try:
                 cred = resolve_key(cfg.provider, cfg.base_url)
             except CredentialError as e:
                 raise FatalError(str(e)) from None
             self.credential_source = cred.source
+            # a key in the environment wins, but a stored one a hostile run could read is redacted all the same
             self.secrets = [cred.key] if cred.key else []
+            if cred.source.startswith("env"):
+                try:
+                    self.secrets.append(keyring_get(cfg.provider))
+                except CredentialError:  # no keyring package: nothing stored either
+                    pass
             try:
                 self.provider = make_provider(cfg.provider, cfg.model, cred.key, cfg.base_url, cfg.llm_timeout,
                                               cfg.max_tokens)
             except Exception as e:
                 raise FatalError(f"cannot set up the {cfg.provider} client: {e}") from None
-        self.secrets = list(dict.fromkeys(self.secrets + env_secrets))
+        self.secrets = list(dict.fromkeys(s for s in self.secrets + env_secrets if s))
         self.redact = Redactor(self.secrets)
         host = cfg.base_url or (os.environ.get("OLLAMA_HOST") or "127.0.0.1:11434" if cfg.provider == "ollama" else "")
         if host and "://" not in host:
             host = "http://" + host
+        withdraw_secrets(self.secrets)
+        harden_process()
         self.free = cfg.provider in ("ollama", "openai") and is_local_url(host)
         self.status.set(State.INITIALIZING, f"checking the LLM: {self.describe()}")
         try:
@@ -73,7 +84,7 @@ class Proposer:
     def propose(self, ctx: PromptContext, usage: Usage):
         """(Proposal, new script text). Raises SkipExperiment, FatalError, or Interrupted (a command arrived)."""
         system = system_prompt(ctx.scope, ctx.script_name, ctx.time_budget)
-        self.last_prompt = user_prompt(ctx)
+        self.last_prompt = self.redact(user_prompt(ctx))
         messages = [{"role": "user", "content": self.last_prompt}]
         for attempt in range(2):
             reply = self._ask(system, messages)
@@ -86,7 +97,8 @@ class Proposer:
                 if attempt == 1:
                     raise SkipExperiment(f"unusable answer after a corrective retry: {e}") from None
                 self.log(f"exp{ctx.exp}: the answer could not be used ({e}); asking once more", "warning")
-                echoed = reply.text.strip()[:ECHO_CHARS] or "(empty answer)"  # a runaway reply is not sent back whole
+                # a runaway reply is not sent back whole
+                echoed = self.redact(reply.text.strip()[:ECHO_CHARS]) or "(empty answer)"
                 messages = messages + [{"role": "assistant", "content": echoed},
                                        {"role": "user", "content": corrective_prompt(str(e), ctx.scope)}]
         raise AssertionError("unreachable")

@@ -6,6 +6,10 @@ and ensure() extends an older header with the columns it lacks. Every field is e
 so no description or note can break a row. Rows are appended with flush + fsync; a truncated last line (power loss
 mid-write) is cut off on load; the header is written atomically.
 
+While an agent runs, the file is its own: ResultsFile remembers the exact bytes it loaded and wrote, and restore()
+puts them back (atomically) when anything else changed or deleted the file, so rows forged by a training run never
+reach the agent's rows, its prompts, or the best that a resumed run starts from.
+
 One experiment (exp column) may have several rows, one per training run of the same commit:
     run    0 for an experiment's first run, 1, 2, ... for further runs of the same commit.
     seed   AUTORESEARCH_SEED of the run; empty = the trainer's default (42).
@@ -165,6 +169,7 @@ class ResultsFile:
         self.columns = list(columns)
         self.header: list[str] | None = None
         self.repaired = False  # set when load() had to cut a truncated last line
+        self._content: bytes | None = None  # what the file holds as far as this object knows (loaded or written)
 
     def ensure(self) -> None:
         """Create the file with a header, or extend an existing header with columns it lacks (atomic rewrite)."""
@@ -181,7 +186,7 @@ class ResultsFile:
         A row is written in one write ending in "\n", so an unterminated last line is either a write in progress
         (readers ignore it) or, for the agent that owns the file (repair=True, at startup), a torn write to cut off."""
         if not self.path.exists():
-            self.header = None
+            self.header, self._content = None, None
             return []
         data = self.path.read_bytes()
         if data and not data.endswith(b"\n"):
@@ -193,6 +198,7 @@ class ResultsFile:
                     os.fsync(f.fileno())
                 self.repaired = True
             data = data[:cut]
+        self._content = data
         lines = data.decode("utf-8", errors="replace").split("\n")
         if not lines or not lines[0].strip():
             self.header = None
@@ -214,17 +220,37 @@ class ResultsFile:
         """Append one row (columns not in the header are dropped) with flush + fsync."""
         if self.header is None:
             self.ensure()
+        line = self._line(row, self.header).encode("utf-8")
         with open(self.path, "ab") as f:
-            f.write(self._line(row, self.header).encode("utf-8"))
+            f.write(line)
             f.flush()
             os.fsync(f.fileno())
+        self._content = (self._content or b"") + line
 
     def rewrite(self, rows: list[Row], header: list[str] | None = None) -> None:
         """Replace the whole file with these rows (atomic)."""
         header = list(header or self.header or self.columns)
-        write_atomic(self.path, "\t".join(escape(h) for h in header) + "\n"
-                     + "".join(self._line(r, header) for r in rows))
-        self.header = header
+        data = ("\t".join(escape(h) for h in header) + "\n" + "".join(self._line(r, header) for r in rows)).encode()
+        write_atomic(self.path, data)
+        self.header, self._content = header, data
+
+    def restore(self) -> str:
+        """Put back exactly what this object loaded and wrote when the file differs (changed, or deleted); returns
+        what was done ("" when the file was intact). For the agent that owns the file."""
+        if self._content is None:
+            return ""
+        try:
+            now = self.path.read_bytes()
+        except FileNotFoundError:
+            now = None
+        if now == self._content:
+            return ""
+        write_atomic(self.path, self._content)
+        n = max(self._content.count(b"\n") - 1, 0)
+        rows = f"{n} row" + ("" if n == 1 else "s")
+        if now is None:
+            return f"{self.path.name} was deleted: restored with its header and {rows}"
+        return f"{self.path.name} was changed by something other than the agent: rewritten with the agent's {rows}"
 
 
 # ---------------------------------------------------------------------------

@@ -2,13 +2,15 @@
 and the facts the loop needs, in this order:
 
     repository and script -> lock (and the trainer a killed agent left running) -> no foreign uncommitted changes ->
-    the LLM works -> results.tsv -> the branch checked out, the interrupted experiment repaired -> the protected-file
-    snapshot (after the checkout: the branch's own prepare.py is the reference) -> hardware
+    the LLM works (from here the secrets are out of the environment) -> results.tsv -> the branch checked out, the
+    interrupted experiment repaired -> hardware -> the integrity snapshot (tui.integrity; after the checkout: the
+    branch's own prepare.py is the reference; after the hardware detection, which imports backends/)
 
 Every refusal is a FatalError with one line that says what to do; nothing in the repository has changed by then,
 except what the order above has already done on the agent's own branch.
 """
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,10 +18,10 @@ from tui.config import AgentConfig
 from tui.controls import FatalError
 from tui.events import State
 from tui.git_repo import GitError, GitRepo
+from tui.integrity import Integrity
 from tui.lock import LOCK_NAME, AgentLock, LockHeld
 from tui.parser import parse_output
 from tui.prompt import ScriptError, find_hparams
-from tui.protected import ProtectedFiles
 from tui.results import ResultsFile, Row, rows_for_tag
 from tui.training_run import kill_process_group
 from tui.trial import InFlight, Trial, crash_text
@@ -32,7 +34,7 @@ class Session:
     script: str
     lock: AgentLock
     workspace: Workspace
-    protected: ProtectedFiles
+    integrity: Integrity
     rows: list  # results rows of this tag
     resume: Trial | None = None  # a confirmation cut short by kill -9: continued first
     last_crash: tuple | None = None  # (exp, text for the prompt)
@@ -79,7 +81,7 @@ def _open(cfg, git, results, inflight, proposer, status, log, script, backend, l
         log(f"{cfg.results.name}: the last line was incomplete (interrupted write) and was removed", "warning")
     rows = rows_for_tag(all_rows, cfg.tag)
 
-    ws = Workspace(git, script, cfg.branch, cfg.runs_dir, log)
+    ws = Workspace(git, script, cfg.branch, cfg.runs_dir, log, proposer.redact)
     resume, recovered = None, False
     try:
         if git.current_branch() == cfg.branch:
@@ -103,9 +105,13 @@ def _open(cfg, git, results, inflight, proposer, status, log, script, backend, l
             find_hparams((cfg.repo / script).read_text(encoding="utf-8"))
         except ScriptError as e:
             raise FatalError(f"{script}: {e}") from None
-    protected = ProtectedFiles(cfg.repo, cfg.protected).take()
     hardware, backend = _detect_hardware(cfg, backend)
-    return Session(script, lock, ws, protected, rows, resume, _last_crash(cfg, rows), hardware, backend)
+    t0 = time.perf_counter()
+    integrity = Integrity(cfg.repo, cfg.protected, ws, results, cfg.runs_dir, proposer.redact).take()
+    log(f"integrity snapshot ({time.perf_counter() - t0:.2f}s): {integrity.describe()}; a run that changes them is "
+        f"a crash", "info")
+    return Session(script, lock, ws, integrity, rows, resume, _last_crash(cfg, rows, proposer.redact), hardware,
+                   backend)
 
 
 def resolve_script(cfg: AgentConfig) -> tuple:
@@ -185,14 +191,14 @@ def _kill_leftover_trainer(previous: dict, grace: float, log) -> None:
     log(f"killed the training run (pid {pid}) left behind by an agent that did not exit cleanly", "warning")
 
 
-def _last_crash(cfg: AgentConfig, rows: list) -> tuple | None:
+def _last_crash(cfg: AgentConfig, rows: list, redact) -> tuple | None:
     crashes: list[Row] = [r for r in rows if r.status == "crash"]
     if not crashes:
         return None
     r = crashes[-1]
     log_path = cfg.runs_dir / f"exp{r.exp}.log"
     tail = list(parse_output(log_path.read_bytes()).tail) if log_path.is_file() else []
-    return r.exp, crash_text(r.exp, r.description, r.notes, tail)
+    return r.exp, redact(crash_text(r.exp, r.description, r.notes, tail))
 
 
 def _detect_hardware(cfg: AgentConfig, backend: str | None) -> tuple:

@@ -8,6 +8,8 @@ Invariants (each has a test with a real repository):
   that differs from the committed version is saved to runs/rescued-<time>-<script> and named in the log: an edit
   made while a run trained is never lost.
 - A commit subject "expN: revert (...)" is never taken for an experiment: a revert is never undone.
+- A script that holds a known secret (in any form the Redactor knows) is never committed: commit_script raises
+  SkipExperiment before anything is written. Rescue copies are redacted.
 """
 
 import re
@@ -15,6 +17,8 @@ import time
 from pathlib import Path
 
 from tui.atomic import write_atomic
+from tui.controls import SkipExperiment
+from tui.credentials import Redactor
 from tui.git_repo import GitRepo
 
 EXP_SUBJECT_RE = re.compile(r"^exp(\d+):(?! revert \()")
@@ -27,12 +31,13 @@ def experiment_of(subject: str) -> int | None:
 
 
 class Workspace:
-    def __init__(self, git: GitRepo, script: str, branch: str, runs_dir: Path, log):
+    def __init__(self, git: GitRepo, script: str, branch: str, runs_dir: Path, log, redact: Redactor | None = None):
         self.git = git
         self.script = script
         self.branch = branch
         self.runs_dir = Path(runs_dir)
         self.log = log  # log(message, level)
+        self.redact = redact or Redactor()
         self.head = ""  # the HEAD the agent expects; set by sync() once the branch is checked out
 
     @property
@@ -43,13 +48,13 @@ class Workspace:
         self.head = self.git.head()
         return self.head
 
-    def rescue(self) -> Path | None:
-        """Save the working copy of the script when it differs from HEAD's; returns where it went."""
+    def rescue(self, rev: str = "HEAD") -> Path | None:
+        """Save the working copy of the script (redacted) when it differs from rev's; returns where it went."""
         try:
             current = self.path.read_bytes()
         except OSError:
             return None
-        if current == self.git.show("HEAD", self.script):
+        if current == self.git.show(rev, self.script):
             return None
         p = Path(self.script)
         dest = self.runs_dir / f"rescued-{time.strftime('%Y%m%d-%H%M%S')}-{p.name}"
@@ -58,7 +63,7 @@ class Workspace:
             n += 1
             dest = dest.with_name(f"rescued-{time.strftime('%Y%m%d-%H%M%S')}-{n}-{p.name}")
         self.runs_dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(dest, current)
+        write_atomic(dest, self.redact.redact_bytes(current))
         return dest
 
     def _rescue_before(self, what: str) -> None:
@@ -69,6 +74,9 @@ class Workspace:
 
     def commit_script(self, source: str, message: str) -> str:
         """Write the new script and commit exactly that file; returns the new HEAD."""
+        if self.redact.finds(source):
+            raise SkipExperiment(f"the edit puts a secret (an API key or token the agent knows) into {self.script}: "
+                                 f"not committed")
         self.git.expect(self.branch, self.head)
         self._rescue_before("writing the next experiment")
         write_atomic(self.path, source)

@@ -8,6 +8,7 @@ from tui.events import AgentListener
 
 HARDWARE = {"chip_name": "Fake CPU", "kind": "cpu", "memory_gb": 16.0, "gpu_cores": None, "peak_flops": 1e11}
 TEST_KEY = "sk-ant-api03-TESTSECRET-0123456789abcdef"
+STORED_KEY = "sk-ant-api03-STOREDKEY-fedcba9876543210"  # in the keyring of the file_keyring fixture
 
 
 def hp_block(lr=0.01, depth=4, mode="ok", steps=5, step_sleep=0.0, extra="") -> str:
