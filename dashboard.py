@@ -20,6 +20,7 @@ from tui.credentials import ENV_VARS
 from tui.decision import KEEP_RULES
 from tui.llm import DEFAULT_MODELS, PROVIDERS
 from tui.prompt import SCOPES
+from tui.sandbox import INSTALL, SANDBOXES
 
 # ---------------------------------------------------------------------------
 # Command line
@@ -112,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--repo", default=".", metavar="DIR", help="repository to work in (default: .)")
     agent.add_argument("--seed", type=int, default=d["seed"],
                        help="random seed passed to the trainer as AUTORESEARCH_SEED (default: the trainer's)")
+    agent.add_argument("--sandbox", choices=SANDBOXES, default=d["sandbox"],
+                       help=f"where the LLM-written training code runs: auto = bubblewrap on Linux ({INSTALL}), "
+                            f"sandbox-exec on macOS, else none with a warning; bwrap / sandbox-exec = that one or "
+                            f"refuse to start; none = no sandbox (default: {d['sandbox']})")
 
     noise = p.add_argument_group("noise floor and keep rule (agent)")
     noise.add_argument("--keep-rule", choices=KEEP_RULES, default=d["keep_rule"],
@@ -194,7 +199,7 @@ def agent_config(args):
     kwargs = dict(repo=args.repo, provider=args.provider, model=args.model, base_url=args.base_url, scope=args.scope,
                   timeout=args.timeout, script=args.script, results=args.results, seed=args.seed,
                   keep_rule=args.keep_rule, noise_runs=args.noise_runs, confirm_runs=args.confirm_runs,
-                  remeasure_noise=args.remeasure_noise, plateau=args.plateau)
+                  remeasure_noise=args.remeasure_noise, plateau=args.plateau, sandbox=args.sandbox)
     if args.tag:
         kwargs["tag"] = args.tag
     if args.max:
@@ -203,7 +208,7 @@ def agent_config(args):
 
 
 AGENT_ONLY = ("max", "model", "base_url", "timeout", "script", "seed", "keep_rule", "noise_runs", "confirm_runs",
-              "remeasure_noise", "plateau")  # options with no meaning outside --agent
+              "remeasure_noise", "plateau", "sandbox")  # options with no meaning outside --agent
 
 
 def _single_script(args) -> str:

@@ -10,7 +10,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from fakes.agent import TEST_KEY, Recorder, file_answer, hp_answer, make_config
+from fakes.agent import TEST_KEY, Recorder, file_answer, gone, hp_answer, make_config, needs_bwrap
 from fakes.llm_servers import FakeLLMServer
 from fakes.repo import FAKE_TRAIN, USER_TRACKED, agent_repo, git, user_files_state
 from tui.headless import run_headless
@@ -159,9 +159,8 @@ def test_hang_is_killed_at_the_deadline_with_its_process_group(repo, server):
     assert time.monotonic() - t0 < 12
     assert statuses(repo) == [("exp0", "keep"), ("exp1", "crash")]
     assert "timed out" in rows(repo)[1]["notes"]
-    grandchild = int((repo / "runs" / "grandchild.pid").read_text())
-    trainer = int((repo / "runs" / "trainer.pid").read_text())
-    assert dead(grandchild) and dead(trainer)
+    assert any("sleep(600)" in c for c in rec.commands.values()) and any("train.py" in c for c in rec.commands.values())
+    assert all(gone(p) for p in rec.processes.values())  # the trainer and its grandchild
     assert 'MODE = "ok"' in script(repo) and tracked_clean(repo)
 
 
@@ -174,13 +173,16 @@ def test_nan_is_a_crash(repo, server, mode, note):
     assert subjects(repo) == ["initial"]
 
 
-def test_changing_a_protected_file_is_a_crash_and_is_undone(repo, server):
+@pytest.mark.parametrize("sandbox,note", [
+    ("none", "protected files (prepare.py)"),  # changed, found, undone
+    pytest.param("auto", "Read-only file system: 'prepare.py'", marks=needs_bwrap)])  # never changed
+def test_changing_a_protected_file_is_a_crash_and_is_undone(repo, server, sandbox, note):
     original = (repo / "prepare.py").read_bytes()
     # this edit would "win" (lr 0.02) if the tampering went unnoticed
     server.push(server.text(hp_answer("cheat", mode="tamper", lr=0.02)))
-    run_agent(repo, server, max_experiments=2)
+    run_agent(repo, server, max_experiments=2, sandbox=sandbox)
     assert statuses(repo) == [("exp0", "keep"), ("exp1", "crash")]
-    assert "protected files (prepare.py)" in rows(repo)[1]["notes"]
+    assert note in rows(repo)[1]["notes"]
     assert (repo / "prepare.py").read_bytes() == original and tracked_clean(repo)
 
 
@@ -357,8 +359,7 @@ def test_abort_kills_now_reverts_and_records_nothing(repo, server):
     summary, rec, orch = _run_with_command(repo, server, 1, "abort", max_experiments=5)
     assert time.monotonic() - t0 < 15
     assert summary.ok and summary.aborted and summary.reason == "stopped on request"
-    trainer = int((repo / "runs" / "trainer.pid").read_text())
-    assert dead(trainer)
+    assert rec.processes and all(gone(p) for p in rec.processes.values())
     assert statuses(repo) == [("exp0", "keep")]  # exp1 runs again next time
     assert subjects(repo) == ["initial"] and tracked_clean(repo) and 'MODE = "ok"' in script(repo)
     assert orch.training_pid is None
@@ -431,6 +432,7 @@ def test_no_key_in_child_env_log_results_commits_or_status(repo, server, monkeyp
                "MY_DB_PASSWORD": "hunter2-SECRET-6666", "AWS_SECRET_ACCESS_KEY": "aws-SECRET-7777"}
     for k, v in secrets.items():
         monkeypatch.setenv(k, v)
+    monkeypatch.setenv("AUTORESEARCH_FAKE_PRINT_ENV", "1")  # each run's environment goes into its log
     values = [TEST_KEY, *secrets.values()]
     # a model that (somehow) echoes the key: it must be redacted from the commit message and results
     server.push(server.text(hp_answer(f"lr 0.02 {TEST_KEY}", lr=0.02)), server.text(hp_answer("crash", mode="crash")))
@@ -438,10 +440,11 @@ def test_no_key_in_child_env_log_results_commits_or_status(repo, server, monkeyp
     code = run_headless(make_config(repo, server, max_experiments=3), out=out, err=err)
     assert code == 0
 
-    dumps = list((repo / "runs").glob("env-*.json"))
+    dumps = [ln for log in sorted((repo / "runs").glob("exp*.log"))
+             for ln in log.read_text().splitlines() if ln.startswith("fake_train env: ")]
     assert len(dumps) == 3
     for d in dumps:
-        env = json.loads(d.read_text())
+        env = json.loads(d[len("fake_train env: "):])
         assert not {"ANTHROPIC_API_KEY", *secrets} & set(env)
         assert not [v for v in env.values() if any(s in v for s in values)]
         assert env["PYTHONUNBUFFERED"] == "1"

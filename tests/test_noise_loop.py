@@ -234,8 +234,10 @@ def stepping(log: Path) -> bool:
 
 
 def kill_9_during(repo, server, log_name, *extra):
-    p = subprocess.Popen(agent_cmd(server, *extra), cwd=repo, env=clean_env(), stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True)
+    """kill -9 the agent while the run logging to runs/<log_name> trains; the trainer's pid. Unsandboxed, so that the
+    trainer outlives its agent (a bubblewrap sandbox dies with it) and the restart has it to kill."""
+    p = subprocess.Popen(agent_cmd(server, "--sandbox", "none", *extra), cwd=repo, env=clean_env(),
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_for(lambda: stepping(repo / "runs" / log_name), timeout=60)
         p.send_signal(signal.SIGKILL)
@@ -243,13 +245,13 @@ def kill_9_during(repo, server, log_name, *extra):
     finally:
         p.kill()
         p.communicate()
-    trainer = int((repo / "runs" / "trainer.pid").read_text())
+    trainer = int((repo / "runs" / "work" / log_name.removesuffix(".log") / "trainer.pid").read_text())
     return trainer
 
 
 def restart(repo, server, *extra):
-    r = subprocess.run(agent_cmd(server, *extra), cwd=repo, env=clean_env(), capture_output=True, text=True,
-                       timeout=120)
+    r = subprocess.run(agent_cmd(server, "--sandbox", "none", *extra), cwd=repo, env=clean_env(), capture_output=True,
+                       text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     return r.stdout
 

@@ -12,7 +12,7 @@ import psutil
 import pytest
 
 import datagen
-from fakes.agent import TEST_KEY, hp_answer, wait_for
+from fakes.agent import TEST_KEY, hp_answer, trainer_pid, wait_for
 from fakes.llm_servers import FakeLLMServer
 from fakes.repo import agent_repo, git
 from test_datasets import Hub, parquet_bytes
@@ -28,7 +28,7 @@ def suite_env(cache, endpoint):
     env = {k: v for k, v in os.environ.items() if not is_child_hidden(k) and not k.startswith(("AUTORESEARCH_", "HF_"))}
     env.update(ANTHROPIC_API_KEY=TEST_KEY, PYTHONUNBUFFERED="1", AUTORESEARCH_CACHE_DIR=str(cache),
                AUTORESEARCH_SHARD_ROWS="100", AUTORESEARCH_PROFILE="cpu", AUTORESEARCH_CPU_PEAK_FLOPS="1e11",
-               HF_ENDPOINT=endpoint)
+               AUTORESEARCH_FAKE_PRINT_ENV="1", HF_ENDPOINT=endpoint)
     return env
 
 
@@ -89,7 +89,7 @@ def test_suite_prepares_runs_is_interrupted_and_resumes(world):
     log = repo / "results" / "cosmopedia-v2" / "runs" / "exp1.log"
     try:
         wait_for(lambda: log.exists() and "step 00001" in log.read_text(errors="replace"), timeout=60)
-        trainer = int((repo / "runs" / "trainer.pid").read_text())
+        trainer = trainer_pid(repo)
         p.send_signal(signal.SIGINT)
         out, _ = p.communicate(timeout=30)
     finally:
@@ -129,7 +129,8 @@ def test_suite_prepares_runs_is_interrupted_and_resumes(world):
         branch = f"autoresearch/s1-{ds}"
         assert git(repo, "merge-base", branch, "main").strip() == base
         assert git(repo, "log", "--format=%s", branch).splitlines() == subjects
-    trainer_envs = [json.loads(f.read_text()) for f in (repo / "runs").glob("env-*.json")]
+    trainer_envs = [json.loads(ln.removeprefix("fake_train env: ")) for log in (repo / "results").glob("*/runs/*.log")
+                    for ln in log.read_text().splitlines() if ln.startswith("fake_train env: ")]
     assert {e.get("AUTORESEARCH_DATASET") for e in trainer_envs} == {"tinystories", "cosmopedia-v2"}
     assert (repo / "results" / "tinystories" / "runs" / "exp2.log").exists()      # each dataset keeps its own logs
     assert git(repo, "status", "--porcelain", "--untracked-files=no").strip() == ""

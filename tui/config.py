@@ -12,6 +12,7 @@ from tui.decision import CONFIRM_RUNS, KEEP_RULES, NOISE_RUNS, PLATEAU
 from tui.git_repo import validate_tag
 from tui.llm import PROVIDERS
 from tui.prompt import SCOPES
+from tui.sandbox import SANDBOXES
 
 DEFAULT_TIME_BUDGET = 300.0
 DEFAULT_MAX_EXPERIMENTS = 100
@@ -94,6 +95,9 @@ class AgentConfig:
     max_consecutive_skips: int = 10
     max_consecutive_crashes: int = 20
     kill_grace: float = 5.0
+    # where training runs (tui.sandbox): "auto" = bubblewrap on Linux, sandbox-exec on macOS, or none with a loud
+    # warning; "bwrap" / "sandbox-exec" = that one or refuse to start; "none" = no sandbox
+    sandbox: str = "auto"
 
     def resolved(self) -> "AgentConfig":
         """A copy with every default filled in and every value checked; raises ConfigError with one line."""
@@ -121,6 +125,8 @@ class AgentConfig:
             raise ConfigError("--confirm-runs must be 0 or more")
         if self.plateau < 0:
             raise ConfigError("--plateau must be 0 (off) or more")
+        if self.sandbox not in SANDBOXES:
+            raise ConfigError(f"unknown sandbox {self.sandbox!r}: choose one of {', '.join(SANDBOXES)}")
         if self.timeout is not None and self.timeout <= 0:
             raise ConfigError("--timeout must be a positive number of seconds")
         budget = self.time_budget if self.time_budget is not None else read_time_budget(repo)

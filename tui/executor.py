@@ -1,10 +1,11 @@
 """The seam where "run this candidate" happens: Executor.submit(RunSpec) -> RunHandle.
 
 The orchestrator decides what to run and what a result means; an executor only carries a run out. A RunSpec holds
-everything a run needs and nothing more, so the same spec can run as a local subprocess (LocalExecutor, here), in a
-sandbox, or on another machine: the commit and script, the seed, the training budget, the dataset, the deadline,
-where the log goes, and the environment (built from an allow-list: a variable that is not named below never reaches
-a training process, whatever the user's shell holds; secrets are removed even from allowed names).
+everything a run needs and nothing more, so the same spec can run as a local subprocess (LocalExecutor, here, in a
+sandbox: tui.sandbox), or on another machine: the commit and script, the seed, the training budget, the dataset, the
+deadline, where the log goes, the run's own writable directory, and the environment (built from an allow-list: a
+variable that is not named below never reaches a training process, whatever the user's shell holds; secrets are
+removed even from allowed names).
 
 A RunHandle reports while the run goes on (wait(on_line) calls on_line for every output line, on the caller's thread),
 can be cancelled from any thread (cancel(reason): the run is killed with everything it spawned), and ends in one
@@ -13,12 +14,15 @@ what the trainer printed.
 """
 
 import os
+import shutil
+import stat
 import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tui.credentials import scrub_env
+from tui.sandbox import Sandbox, SandboxError, detect
 from tui.sealed import Evaluator
 from tui.training_run import KILL_GRACE, RunOutcome, TrainingRun
 
@@ -49,7 +53,11 @@ class RunSpec:
     budget: float  # training seconds the run is allowed
     dataset: str
     deadline: float  # wall-clock seconds after which the run is killed (budget + startup and evaluation allowance)
-    log_path: Path
+    log_path: Path  # written by the executor, never by the run
+    # the run's own writable directory (AUTORESEARCH_RUN_DIR in env), empty when it starts, gone after it; its parent
+    # holds nothing but run directories (runs/work/): the executor empties it, which also clears what a killed agent
+    # left behind
+    run_dir: Path
     env: dict = field(default_factory=dict, hash=False)  # from run_env(): the whole environment of the run
     python: str = sys.executable
     label: str = ""  # "exp3" / "exp3 r1", for messages
@@ -74,6 +82,10 @@ class RunHandle:
 
 
 class Executor:
+    def prepare(self, log) -> None:
+        """At startup, before any run: check what the runs will need, and say in the log (log(message, level)) what
+        they can reach. Raises ExecutorError when runs cannot be carried out as configured."""
+
     def submit(self, spec: RunSpec) -> RunHandle:
         raise NotImplementedError
 
@@ -84,19 +96,22 @@ class Executor:
 
 
 class LocalRun(RunHandle):
-    def __init__(self, spec: RunSpec, cwd: Path, kill_grace: float):
+    def __init__(self, spec: RunSpec, cwd: Path, kill_grace: float, sandbox: Sandbox):
         self.spec = spec
         self.kill_grace = kill_grace
         self._reason: str | None = None
         self._lock = threading.Lock()
         self.evaluator = Evaluator(cwd)  # the scoring code as it is before the trainer runs
+        argv = sandbox.wrap([spec.python, "-u", spec.script], cwd, spec.run_dir, spec.env)
+        tmp = str(spec.run_dir / "tmp")  # the run's temporary files go with its directory
         self.run = TrainingRun(spec.script, cwd, spec.log_path, deadline=spec.deadline, python=spec.python,
-                               seed=spec.seed, env=spec.env, kill_grace=kill_grace,
-                               should_stop=lambda: self._reason)
+                               seed=spec.seed, env=spec.env, extra_env={"TMPDIR": tmp}, kill_grace=kill_grace,
+                               should_stop=lambda: self._reason, argv=argv, wrappers=sandbox.wrappers)
         try:
             self.pid = self.run.start()
         except OSError as e:
-            raise ExecutorError(f"cannot start {spec.python} {spec.script}: {e}") from None
+            remove_tree(spec.run_dir)
+            raise ExecutorError(f"cannot start {argv[0]} {spec.script}: {e}") from None
 
     def wait(self, on_line=None) -> RunOutcome:
         self.run.on_line = on_line
@@ -107,6 +122,8 @@ class LocalRun(RunHandle):
         except BaseException:  # a forced exit (second signal) must not leave the trainer running
             self.run.kill(force=True)
             raise
+        finally:  # what the run wrote goes with it (its processes are all dead by now): a full disk has space again
+            remove_tree(self.spec.run_dir)
 
     def cancel(self, reason: str) -> None:
         with self._lock:
@@ -117,13 +134,56 @@ class LocalRun(RunHandle):
 
 
 class LocalExecutor(Executor):
-    """Runs in the repository itself: the working tree must hold spec.commit's script (the orchestrator commits
-    before it submits)."""
+    """Runs in the repository itself, in the sandbox `sandbox` names (tui.sandbox.SANDBOXES): the working tree must
+    hold spec.commit's script (the orchestrator commits before it submits)."""
 
-    def __init__(self, repo, kill_grace: float = KILL_GRACE):
+    def __init__(self, repo, kill_grace: float = KILL_GRACE, sandbox: str = "auto"):
         self.repo = Path(repo)
         self.kill_grace = kill_grace
+        self.choice = sandbox
+        self._sandbox: Sandbox | None = None
+
+    @property
+    def sandbox(self) -> Sandbox:
+        if self._sandbox is None:
+            try:
+                self._sandbox = detect(self.choice)
+            except SandboxError as e:
+                raise ExecutorError(str(e)) from None
+        return self._sandbox
+
+    def prepare(self, log) -> None:
+        level, message = self.sandbox.describe()
+        log(message, level)
 
     def submit(self, spec: RunSpec) -> LocalRun:
-        spec.log_path.parent.mkdir(parents=True, exist_ok=True)
-        return LocalRun(spec, self.repo, self.kill_grace)
+        try:
+            spec.log_path.parent.mkdir(parents=True, exist_ok=True)
+            if spec.run_dir.parent.is_dir():
+                for old in spec.run_dir.parent.iterdir():
+                    remove_tree(old)
+            (spec.run_dir / "tmp").mkdir(parents=True)
+        except OSError as e:
+            raise ExecutorError(f"cannot prepare the run directory {spec.run_dir}: {e}; free some space or fix "
+                                f"the permissions, then start again") from None
+        return LocalRun(spec, self.repo, self.kill_grace, self.sandbox)
+
+
+def remove_tree(path: Path) -> None:
+    """Remove what a run left, whatever it did to it: a symlink is removed, not followed; read-only directories are
+    made writable first. Errors are ignored (the next run's submit tries again)."""
+    def unlock(func, p, _exc):  # p could not be listed or removed: open up its directory (and itself), retry once
+        try:
+            os.chmod(os.path.dirname(p), stat.S_IRWXU)
+            if os.path.isdir(p) and not os.path.islink(p):
+                os.chmod(p, stat.S_IRWXU)
+            func(p)
+        except OSError:
+            pass
+    try:
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+        elif path.is_dir():
+            shutil.rmtree(path, onerror=unlock)
+    except OSError:
+        pass

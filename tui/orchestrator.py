@@ -15,7 +15,8 @@ orchestrator decides what runs and what a result means; how a run is carried out
 """
 
 import dataclasses
-import shutil
+import errno
+import os
 import traceback
 from dataclasses import dataclass
 
@@ -33,6 +34,7 @@ from tui.startup import Session, open_session
 from tui.trial import InFlight, Trial, crash_text, judge, make_row
 
 RECENT_CRASH_ROWS = 5  # the last crash's output is shown to the LLM while it is among the latest rows
+DISK_RETRY_SECONDS = 5.0  # results.tsv on a full disk: how often the append is tried again
 
 
 @dataclass
@@ -66,7 +68,7 @@ class Orchestrator:
         self.proposer = Proposer(self.cfg, self.controls, self.status, self._log, provider)
         self.keep_rule = keep_rule or make_keep_rule(self.cfg.keep_rule, noise_runs=self.cfg.noise_runs,
                                                      confirm_runs=self.cfg.confirm_runs, plateau=self.cfg.plateau)
-        self.executor = executor or LocalExecutor(self.cfg.repo, self.cfg.kill_grace)
+        self.executor = executor or LocalExecutor(self.cfg.repo, self.cfg.kill_grace, self.cfg.sandbox)
         self.git = GitRepo(self.cfg.repo)
         self.results = ResultsFile(self.cfg.results)
         self.inflight = InFlight(self.cfg.runs_dir, self.cfg.tag)
@@ -179,6 +181,10 @@ class Orchestrator:
                           self._session_rows, aborted=self.controls.abort_flag.is_set())
 
     def _startup(self) -> None:
+        try:
+            self.executor.prepare(self._log)
+        except ExecutorError as e:
+            raise FatalError(str(e)) from None
         self.session = open_session(self.cfg, self.git, self.results, self.inflight, self.proposer, self.status,
                                     self._log)
         self.rows = self.session.rows
@@ -296,15 +302,13 @@ class Orchestrator:
     def _train(self, trial: Trial, run: int, seed, log):
         cfg = self.cfg
         run_dir = cfg.runs_dir / "work" / (f"exp{trial.exp}" + (f"-run{run}" if run else ""))
-        shutil.rmtree(run_dir, ignore_errors=True)  # an earlier attempt's export must not be scored for this one
-        run_dir.mkdir(parents=True)
         spec = RunSpec(commit=trial.commit, script=self.script, seed=seed, budget=cfg.time_budget,
-                       dataset=cfg.dataset, deadline=cfg.timeout, log_path=log, python=cfg.python,
-                       # no bytecode: a pyc next to a protected module is then always planted (tui.integrity)
+                       dataset=cfg.dataset, deadline=cfg.timeout, log_path=log, run_dir=run_dir, python=cfg.python,
                        env=run_env(secrets=self.proposer.secrets, AUTORESEARCH_DATASET=cfg.dataset,
                                    AUTORESEARCH_TIME_BUDGET=f"{cfg.time_budget:g}", AUTORESEARCH_RUN_DIR=run_dir,
+                                   # no bytecode: a pyc next to a protected module is then always planted
                                    PYTHONDONTWRITEBYTECODE="1"),
-                       label=f"exp{trial.exp}" + (f" r{run}" if run else ""), run_dir=run_dir)
+                       label=f"exp{trial.exp}" + (f" r{run}" if run else ""))
         try:
             handle = self.executor.submit(spec)
         except ExecutorError as e:
@@ -385,10 +389,33 @@ class Orchestrator:
             self._skips_in_a_row = 0
 
     def _append(self, row) -> None:
+        """Record a row. On a full disk, wait for space (trying again every DISK_RETRY_SECONDS) rather than lose the
+        experiment; a stop or abort gives up (the experiment runs again on the next start)."""
         fixed = self.results.restore()  # changed since our last write (a leftover process, a user): ours again
         if fixed:
             self._log(f"{fixed} before recording {row.label}", "warning")
-        self.results.append(row)
+        path, warned = self.cfg.results, False
+        while True:
+            size = path.stat().st_size if path.exists() else 0
+            try:
+                self.results.append(row)
+                break
+            except OSError as e:
+                if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                try:
+                    os.truncate(path, size)  # a torn line must not stay: the next try writes the whole row
+                except OSError:
+                    pass
+            if not warned:
+                warned = True
+                self._log(f"cannot write {path.name}: the disk is full; free some space, the agent tries again "
+                          f"every {DISK_RETRY_SECONDS:.0f}s (stop to give up)", "warning")
+            if self.controls.stop_flag.wait(DISK_RETRY_SECONDS):
+                raise FatalError(f"exp{row.exp} not recorded: {path} is on a full disk; free some space and start "
+                                 f"again (exp{row.exp} runs again)")
+        if warned:
+            self._log(f"{path.name}: space is back, exp{row.exp} recorded")
         self.rows.append(row)
 
     def _save(self, trial: Trial) -> None:

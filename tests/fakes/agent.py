@@ -1,14 +1,22 @@
 """Helpers for driving the orchestrator in tests: scripted answers, an event recorder, a fast config."""
 
+import json
 import time
 import threading
+from pathlib import Path
+
+import psutil
+import pytest
 
 from tui.config import AgentConfig
 from tui.events import AgentListener
+from tui.sandbox import detect
 
 HARDWARE = {"chip_name": "Fake CPU", "kind": "cpu", "memory_gb": 16.0, "gpu_cores": None, "peak_flops": 1e11}
 TEST_KEY = "sk-ant-api03-TESTSECRET-0123456789abcdef"
 STORED_KEY = "sk-ant-api03-STOREDKEY-fedcba9876543210"  # in the keyring of the file_keyring fixture
+# tests of what the bubblewrap sandbox prevents (CI installs it: .ci/run)
+needs_bwrap = pytest.mark.skipif(detect().kind != "bwrap", reason=f"no bubblewrap sandbox here: {detect().problem}")
 
 
 def hp_block(lr=0.01, depth=4, mode="ok", steps=5, step_sleep=0.0, extra="") -> str:
@@ -44,13 +52,49 @@ def make_config(repo, server=None, provider="anthropic", **overrides) -> AgentCo
     return AgentConfig(**kwargs)
 
 
+def process_tree(pid) -> list:
+    """psutil.Process of pid and of all its descendants: host processes, so a test can see (and check later that
+    they died) the processes of a run, also inside a sandbox's PID namespace where the run's own pids mean nothing."""
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return []
+
+
+def trainer_pid(repo) -> int:
+    """The host pid of the trainer (train.py, not a sandbox wrapper) of the agent running in `repo` (waited for),
+    found from the lock's training_pid: inside a sandbox's PID namespace the trainer's own pid means nothing."""
+    def find():
+        try:  # rewritten in place by the agent: it may be caught empty
+            leader = json.loads((Path(repo) / ".agent.lock").read_text()).get("training_pid")
+        except ValueError:
+            return None
+        found = [p.pid for p in process_tree(leader) if p.name() != "bwrap"] if leader else []
+        return found[0] if found else None
+    wait_for(find)
+    return find()
+
+
+def gone(proc: psutil.Process) -> bool:
+    """The process has exited (a zombie counts: it runs nothing). Compares the start time, so a reused pid is gone."""
+    try:
+        return not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return True
+
+
 class Recorder(AgentListener):
-    """Keeps every event; `hooks` run on the orchestrator thread (e.g. to send a command at the first step)."""
+    """Keeps every event; `hooks` run on the orchestrator thread (e.g. to send a command at the first step). Each
+    progress line also records the training process tree: .processes (psutil.Process by pid), .commands (their
+    command lines)."""
 
     def __init__(self):
         self.events = []
         self.lock = threading.Lock()
         self.on_step_hook = None
+        self.processes, self.commands = {}, {}
+        self._pid = None
 
     def _add(self, *event):
         with self.lock:
@@ -64,12 +108,20 @@ class Recorder(AgentListener):
 
     def on_training_process(self, pid):
         self._add("pid", pid)
+        self._pid = pid
 
     def on_output(self, line):
         self._add("output", line)
 
     def on_step(self, step):
         self._add("step", step)
+        for p in process_tree(self._pid) if self._pid else []:
+            if p.pid not in self.processes:
+                try:
+                    self.commands[p.pid] = " ".join(p.cmdline())
+                except psutil.Error:
+                    continue
+                self.processes[p.pid] = p
         if self.on_step_hook:
             self.on_step_hook(step)
 

@@ -3,8 +3,10 @@
 val_bpb is a function of the hyperparameter block (best near LEARNING_RATE = 0.02, DEPTH = 6), so a good edit really
 improves and a bad one really worsens. Like the real trainers, a run with AUTORESEARCH_RUN_DIR "exports" instead of
 printing val_bpb: it writes RUN_DIR/fake_model.json, which the fake prepare.py's --evaluate scores. MODE makes it
-crash, hang, diverge, tamper with prepare.py, and so on. Every run dumps its environment to runs/env-<pid>.json so
-tests can check that no secret reached it.
+crash, hang, diverge, tamper with prepare.py, and so on. It writes only into its run directory ($AUTORESEARCH_RUN_DIR,
+runs/ without one; a sandboxed run can write nowhere else, and the directory is removed after the run): trainer.pid
+and grandchild.pid (MODE "hang"). With AUTORESEARCH_FAKE_PRINT_ENV set it prints its environment ("fake_train env:
+{...}"), so tests can check in runs/expN.log, after the run, that no secret reached it.
 
 MODE "noisy" adds Gaussian noise (standard deviation AUTORESEARCH_FAKE_NOISE, default 0.01) drawn from the seed and the
 script's text: a re-run with another seed, or any edit (even a no-op line), draws new noise, as a real trainer would.
@@ -37,9 +39,10 @@ STEP_SLEEP = 0.0
 # ---------------------------------------------------------------------------
 
 seed = int(os.environ.get("AUTORESEARCH_SEED", "42"))
-os.makedirs("runs", exist_ok=True)
-with open(os.path.join("runs", f"env-{os.getpid()}.json"), "w") as f:
-    json.dump(dict(os.environ), f)
+RUN_DIR = os.environ.get("AUTORESEARCH_RUN_DIR") or "runs"
+os.makedirs(RUN_DIR, exist_ok=True)
+if os.environ.get("AUTORESEARCH_FAKE_PRINT_ENV"):
+    print("fake_train env: " + json.dumps(dict(os.environ)))
 print("Backend: cpu (cpu)")
 print(f"Seed {seed}, depth {DEPTH}, lr {LEARNING_RATE}")
 if MODE == "unicode":
@@ -49,7 +52,7 @@ if MODE == "tamper":
         f.write("\nTIME_BUDGET = 1e9  # tampered\n")
 if MODE == "hang":
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
-    with open(os.path.join("runs", "grandchild.pid"), "w") as f:
+    with open(os.path.join(RUN_DIR, "grandchild.pid"), "w") as f:
         f.write(str(child.pid))
 if globals().get("SEED_GATES") and os.path.exists(os.path.join("runs", f"slow-seed-{seed}")):
     STEP_SLEEP, STEPS = 0.5, 400
@@ -61,7 +64,7 @@ if MODE in ("slow", "stubborn"):
 if MODE == "stubborn":
     import signal
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # only SIGKILL ends it
-with open(os.path.join("runs", "trainer.pid"), "w") as f:
+with open(os.path.join(RUN_DIR, "trainer.pid"), "w") as f:
     f.write(str(os.getpid()))
 
 # ---------------------------------------------------------------------------
