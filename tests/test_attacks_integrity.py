@@ -51,7 +51,8 @@ def no_better():
 
 def run_agent(repo, server, **overrides):
     rec = Recorder()
-    summary = Orchestrator(make_config(repo, server, scope="file", **overrides), [rec]).run()
+    # no sandbox: these mitigations must hold without one (under bubblewrap the repository is read-only anyway)
+    summary = Orchestrator(make_config(repo, server, scope="file", **{"sandbox": "none", **overrides}), [rec]).run()
     assert summary.ok, summary.reason
     return rec
 

@@ -93,7 +93,7 @@ def run_headless(repo, server, keyring_file, *extra):
                PYTHON_KEYRING_BACKEND="fakes.test_keyring.FileKeyring", AUTORESEARCH_TEST_KEYRING=str(keyring_file))
     args = ["--agent", "--headless", "--tag", "t1", "--model", "claude-sonnet-4-6", "--base-url", server.base_url,
             "--script", "train.py", "--timeout", "30", "--keep-rule", "single", "--noise-runs", "1", "--scope", "file",
-            *extra]
+            "--sandbox", "none", *extra]  # no sandbox: the mitigations must hold without one
     return subprocess.run([sys.executable, str(ROOT / "dashboard.py"), *args], cwd=repo, env=env, capture_output=True,
                           text=True, timeout=240)
 
@@ -139,7 +139,7 @@ def test_a_run_that_reads_its_parent_and_the_keyring_leaks_nothing_the_agent_wri
 def test_a_crash_printing_the_key_in_many_spellings_reaches_the_next_prompt_redacted(repo, server, file_keyring):
     server.push(server.text(file_answer([(ANCHOR, ANCHOR + "\n" + LEAK_AND_CRASH)], "leak and crash")),
                 server.text(file_answer([("LEARNING_RATE = 0.01", "LEARNING_RATE = 0.02")], "raise lr")))
-    summary = Orchestrator(make_config(repo, server, scope="file", max_experiments=3)).run()
+    summary = Orchestrator(make_config(repo, server, scope="file", max_experiments=3, sandbox="none")).run()
     assert summary.ok and statuses(repo) == [(0, "keep"), (1, "crash"), (2, "keep")]
     prompt = server.prompts()[1]
     assert "The most recent crash" in prompt and "leak [redacted] [redacted]" in prompt

@@ -109,7 +109,8 @@ class Evaluator:
         claimed = outcome.final.val_bpb
         final = replace(outcome.final, val_bpb=None)  # what the trainer printed is never a result
         run_dir = Path(spec.run_dir) if spec.run_dir is not None else None
-        if run_dir is None or not run_dir.is_dir() or not any(run_dir.iterdir()):
+        exported = run_dir is not None and run_dir.is_dir() and any(p.name != "tmp" for p in run_dir.iterdir())
+        if not exported:  # (tmp/ is the executor's, for the run's temporary files)
             result = NO_EXPORT.format(script=spec.script)
         else:
             result = self.evaluate(spec, kill_grace, should_stop)

@@ -18,6 +18,9 @@ if __name__ == "__main__":
             with open(os.path.join(run_dir, "fake_model.json")) as f:
                 export = json.load(f)
             val_bpb = export["val_bpb"]
+        except FileNotFoundError:
+            sys.exit(f"error: no fake_model.json in {run_dir}: the trainer exported no model (keep the "
+                     f"prepare.export_model(...) call at the end of the training script)")
         except (OSError, ValueError, KeyError, TypeError) as e:
             sys.exit(f"error: no usable export in {run_dir} ({type(e).__name__}): export with "
                      f"prepare.export_model(...)")
