@@ -9,6 +9,7 @@ stand-in trainer runs it as a real subprocess in a real git repository, with and
 import os
 import shutil
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -17,7 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from fakes.agent import Recorder, file_answer, hp_answer, make_config, needs_bwrap, wait_for
+from fakes.agent import TEST_KEY, Recorder, file_answer, hp_answer, make_config, needs_bwrap, wait_for
 from fakes.repo import agent_repo, git
 from tui.orchestrator import Orchestrator
 from tui.results import ResultsFile
@@ -120,6 +121,28 @@ def test_a_daemon_started_by_a_run_dies_with_the_run(repo, server, sandbox, how)
     finally:
         for p in daemons(token):
             p.kill()
+
+
+@needs_bwrap
+def test_a_daemon_dies_with_its_agent_even_on_kill_9(repo, server):
+    """The agent as a user runs it, killed with SIGKILL mid-run: nothing of the run may be left. (Without a sandbox
+    the daemon would survive: nothing of the agent is left to kill it.)"""
+    from test_agent_cli import DASHBOARD, agent_args, clean_env
+    token = f"autoresearch-daemon-{uuid.uuid4().hex}"
+    server.push(server.text(before_training(DAEMONS["setsid"].format(token=token), "start a helper daemon",
+                                            ("STEP_SLEEP = 0.0", "STEP_SLEEP = 0.5"))))
+    p = subprocess.Popen([sys.executable, str(DASHBOARD), *agent_args(server, "--max", "2", "--scope", "file")],
+                         cwd=repo, env=clean_env(ANTHROPIC_API_KEY=TEST_KEY), stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: daemons(token), timeout=60)
+        p.kill()
+        p.wait(timeout=10)
+        wait_for(lambda: not daemons(token), timeout=10)
+    finally:
+        p.kill()
+        for d in daemons(token):
+            d.kill()
 
 
 # ---------------------------------------------------------------------------

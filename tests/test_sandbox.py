@@ -70,7 +70,8 @@ report = {
     "pid": os.getpid(),
     "agent_visible": attempt(lambda: os.kill(int(os.environ["PROBE_AGENT_PID"]), 0)),
     "cap_eff": cap_eff(),
-    "sysctl_write": attempt(lambda: write("/proc/sys/vm/drop_caches")),
+    # only where it must fail: unsandboxed, as root, this would really write a kernel setting
+    "sysctl_write": attempt(lambda: write("/proc/sys/vm/drop_caches")) if os.environ.get("PROBE_SYSCTL") else None,
 }
 print("PROBE " + json.dumps(report))
 '''
@@ -108,7 +109,7 @@ def probe(world, sandbox):
     run_dir = repo / "runs" / "work" / "exp0"
     env = run_env(AUTORESEARCH_RUN_DIR=run_dir, AUTORESEARCH_CACHE_DIR=home / ".cache" / "autoresearch",
                   PROBE_HOME=home, PROBE_USER_HOME=USER_HOME, PROBE_TMP_MARKER=marker,
-                  PROBE_PORT=port, PROBE_AGENT_PID=os.getpid())
+                  PROBE_PORT=port, PROBE_AGENT_PID=os.getpid(), PROBE_SYSCTL="1" if sandbox != "none" else None)
     spec = RunSpec(commit="-", script="train.py", seed=None, budget=1.0, dataset="d", deadline=30.0,
                    log_path=repo / "runs" / "exp0.log", run_dir=run_dir, env=env)
     outcome = LocalExecutor(repo, 1.0, sandbox).submit(spec).wait()

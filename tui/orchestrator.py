@@ -17,6 +17,7 @@ orchestrator decides what runs and what a result means; how a run is carried out
 import dataclasses
 import errno
 import os
+import time
 import traceback
 from dataclasses import dataclass
 
@@ -390,11 +391,12 @@ class Orchestrator:
 
     def _append(self, row) -> None:
         """Record a row. On a full disk, wait for space (trying again every DISK_RETRY_SECONDS) rather than lose the
-        experiment; a stop or abort gives up (the experiment runs again on the next start)."""
+        experiment; an abort, or a stop given while it waits, gives up (the experiment runs again on the next start).
+        A stop given before still wants this row recorded: it waits on."""
         fixed = self.results.restore()  # changed since our last write (a leftover process, a user): ours again
         if fixed:
             self._log(f"{fixed} before recording {row.label}", "warning")
-        path, warned = self.cfg.results, False
+        path, warned, stop_before = self.cfg.results, False, self.controls.stop_flag.is_set()
         while True:
             size = path.stat().st_size if path.exists() else 0
             try:
@@ -411,9 +413,12 @@ class Orchestrator:
                 warned = True
                 self._log(f"cannot write {path.name}: the disk is full; free some space, the agent tries again "
                           f"every {DISK_RETRY_SECONDS:.0f}s (stop to give up)", "warning")
-            if self.controls.stop_flag.wait(DISK_RETRY_SECONDS):
-                raise FatalError(f"exp{row.exp} not recorded: {path} is on a full disk; free some space and start "
-                                 f"again (exp{row.exp} runs again)")
+            retry = time.monotonic() + DISK_RETRY_SECONDS
+            while time.monotonic() < retry:
+                if self.controls.abort_flag.is_set() or (self.controls.stop_flag.is_set() and not stop_before):
+                    raise FatalError(f"exp{row.exp} not recorded: {path} is on a full disk; free some space and "
+                                     f"start again (exp{row.exp} runs again)")
+                time.sleep(0.2)
         if warned:
             self._log(f"{path.name}: space is back, exp{row.exp} recorded")
         self.rows.append(row)

@@ -414,21 +414,20 @@ class TrainingRun:
                 chunk = os.read(fd, CHUNK)
                 if not chunk:
                     break
-                while not self._closed.is_set():
-                    try:
-                        self._queue.put(chunk, timeout=0.5)
-                        break
-                    except queue.Full:
-                        continue
+                self._put(chunk)
         except OSError:
             pass
         finally:
-            while not self._closed.is_set():
-                try:
-                    self._queue.put(None, timeout=0.5)
-                    break
-                except queue.Full:
-                    continue
+            self._put(None)  # the end of the output
+
+    def _put(self, item) -> None:
+        """Queue an item, waiting while the queue is full, unless wait() is done (then nobody reads it)."""
+        while not self._closed.is_set():
+            try:
+                self._queue.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                continue
 
     def kill(self, force: bool = False) -> None:
         """Kill the run with everything it started: SIGTERM, then SIGKILL after kill_grace; force=True sends SIGKILL
