@@ -294,7 +294,7 @@ class Integrity:
             if not changed:
                 continue
             if path.endswith(BYTECODE_SUFFIXES):
-                os.unlink(path)
+                Path(path).unlink(missing_ok=True)
                 stray.append(self._name(path))
             else:
                 self._remove(path, r, ("new" if new else "changed") + ": removed (reinstall the package if it was "

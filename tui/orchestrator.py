@@ -287,11 +287,11 @@ class Orchestrator:
     def _after_run(self, trial: Trial, run: int, outcome) -> list:
         """Before anything is judged, committed or sent: repair what the run changed (tui.integrity) and take every
         known secret out of its log file and of the crash tail. Returns what the run changed (then it is a crash)."""
-        label = f"exp{trial.exp}" + (f"-run{run}" if run else "")
-        repair = self.session.integrity.verify_and_repair(trial.commit, label)
         if outcome.log_path is not None:
             self.redact.redact_file(outcome.log_path)
         outcome.tail = [self.redact(line) for line in outcome.tail]
+        label = f"exp{trial.exp}" + (f"-run{run}" if run else "")
+        repair = self.session.integrity.verify_and_repair(trial.commit, label)  # GitMoved: the user moved the branch
         if repair.touched:
             saved = f"; what it left is saved in {repair.quarantine}" if repair.quarantine else ""
             self._log(f"{label}: the run changed what it may not change (a crash): "
