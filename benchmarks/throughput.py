@@ -96,16 +96,21 @@ def prepare_corpus(corpus, workdir):
     return env
 
 
+def parse_run_options(ap):
+    """--corpus and --set (shared with benchmarks/sealed_eval.py): (args, [(name, value), ...])."""
+    ap.add_argument("--corpus", default=None, help="climbmix-layout folder to prepare into a temporary cache")
+    ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                    help="override a hyperparameter in a copy of the script (repeatable)")
+    args = ap.parse_args()
+    return args, [tuple(s.split("=", 1)) for s in args.set]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backends", default=None, help="comma list (default: every backend available here)")
     ap.add_argument("--budget", type=float, default=60, help="training seconds per run (default 60)")
     ap.add_argument("--repeat", type=int, default=1, help="runs per backend (report mean and spread)")
-    ap.add_argument("--corpus", default=None, help="climbmix-layout folder to prepare into a temporary cache")
-    ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
-                    help="override a hyperparameter in a copy of the script (repeatable)")
-    args = ap.parse_args()
-    settings = [tuple(s.split("=", 1)) for s in args.set]
+    args, settings = parse_run_options(ap)
     backends = args.backends.split(",") if args.backends else available_backends()
 
     workdir = tempfile.mkdtemp(prefix="ar-throughput-")
