@@ -205,7 +205,7 @@ def test_a_flood_over_the_output_limit_is_a_crash_with_bounded_memory_and_log(re
     assert log.stat().st_size < LOG_HEAD + LOG_TAIL + MiB
     assert b"bytes of output dropped here" in log.read_bytes()
     assert rec.growth < 300 * MiB, f"the agent grew by {rec.growth / MiB:.0f} MiB"
-    assert elapsed < 30  # killed at the limit, not after printing it all
+    assert elapsed < 60  # killed at the limit, not after printing it all (which takes minutes)
     assert len(rec.of("output")) < 2 * LOG_HEAD // 1024 + 500  # the screen got a bounded share of the lines
 
 
@@ -232,10 +232,12 @@ def test_a_flood_under_the_limit_keeps_its_summary(repo, server, sandbox):
     assert row.val_bpb == pytest.approx(1.02) and row.steps == 5
     data = (repo / "runs" / "exp1.log").read_bytes()
     assert len(data) < LOG_HEAD + LOG_TAIL + MiB and b"bytes of output dropped here" in data
-    assert data.rstrip().endswith(b"chip:             Fake CPU")  # the log ends where the output did
-    assert any(line.startswith("val_bpb:") for line in rec.of("output"))  # the held lines reached the screen
+    # the log ends where the output did (then the engine's own line on the sealed evaluation)
+    assert data.rstrip().rsplit(b"\n", 2)[0].endswith(b"chip:             Fake CPU")
+    assert data.rstrip().endswith(b"(prepare.py --evaluate)")
+    assert any(line.startswith("chip:") for line in rec.of("output"))  # the held lines reached the screen
     assert rec.growth < 300 * MiB, f"the agent grew by {rec.growth / MiB:.0f} MiB"
-    assert elapsed < 30
+    assert elapsed < 90  # generous: a loaded 2-core machine
 
 
 # ---------------------------------------------------------------------------
