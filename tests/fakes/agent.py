@@ -147,8 +147,9 @@ class Recorder(AgentListener):
         return "\n".join(" ".join(str(x) for x in e[1:]) for e in self.events)
 
 
-def wait_for(predicate, timeout=30.0):
-    """Poll predicate every 50 ms until it is true; fail the test after timeout seconds."""
+def wait_for(predicate, timeout=90.0):
+    """Poll predicate every 50 ms until it is true; fail the test after timeout seconds (generous: an agent starting
+    on a loaded 2-core machine spends most of a minute importing torch and the SDKs)."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if predicate():
