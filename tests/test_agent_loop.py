@@ -109,9 +109,10 @@ def test_good_edit_kept_worse_edit_reverted_user_files_untouched(repo, server):
     pids = [p for p in rec.of("pid") if p]
     assert len(pids) == 3 and all(dead(p) for p in pids)
 
-    # loop overhead (git, prompt, parsing, bookkeeping) per experiment, beyond training, evaluation and the LLM
+    # loop overhead (git, prompt, parsing, bookkeeping, the post-run integrity scan, the sandbox, startup) per
+    # experiment, beyond training, evaluation and the LLM: a guard against a runaway, not the benchmark figure
     trained = sum(float(x["seconds"]) + float(x["eval_seconds"]) for x in r)
-    assert (elapsed - trained) / 3 < 2.0
+    assert (elapsed - trained) / 3 < 6.0
 
 
 def test_syntax_error_gets_one_corrective_retry(repo, server):
