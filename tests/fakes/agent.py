@@ -1,9 +1,14 @@
 """Helpers for driving the orchestrator in tests: scripted answers, an event recorder, a fast config."""
 
+import os
+import subprocess
+import sys
 import time
 import threading
+from pathlib import Path
 
 from tui.config import AgentConfig
+from tui.credentials import is_child_hidden
 from tui.events import AgentListener
 
 HARDWARE = {"chip_name": "Fake CPU", "kind": "cpu", "memory_gb": 16.0, "gpu_cores": None, "peak_flops": 1e11}
@@ -42,6 +47,19 @@ def make_config(repo, server=None, provider="anthropic", **overrides) -> AgentCo
                            "ollama": "qwen2.5-coder:7b"}[server.kind]
     kwargs.update(overrides)
     return AgentConfig(**kwargs)
+
+
+def run_headless_agent(repo, server, *extra, python=sys.executable, **env):
+    """dashboard.py --agent --headless (file scope, one-run keep rule) as a real process: what a run can read of its
+    parent is what it really is. `env` is added to this environment without its secrets and provider settings."""
+    full_env = {k: v for k, v in os.environ.items() if not is_child_hidden(k)}
+    full_env.update(PYTHONUNBUFFERED="1", **env)
+    args = ["--agent", "--headless", "--tag", "t1", "--model", "claude-sonnet-4-6", "--base-url", server.base_url,
+            "--script", "train.py", "--timeout", "30", "--keep-rule", "single", "--noise-runs", "1", "--scope", "file",
+            *extra]
+    dashboard = Path(__file__).resolve().parent.parent.parent / "dashboard.py"
+    return subprocess.run([str(python), str(dashboard), *args], cwd=repo, env=full_env, capture_output=True,
+                          text=True, timeout=240)
 
 
 class Recorder(AgentListener):
