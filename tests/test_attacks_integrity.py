@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from fakes.agent import STORED_KEY, Recorder, file_answer, make_config
+from fakes.agent import STORED_KEY, TEST_KEY, Recorder, file_answer, make_config, run_headless_agent
 from fakes.repo import agent_repo, git
 from tui.credentials import Redactor
 from tui.git_repo import GitRepo
@@ -158,41 +158,42 @@ def test_hooks_that_were_there_before_the_agent_started_never_run(repo, server, 
 # ---------------------------------------------------------------------------
 
 @pytest.fixture
-def planted(tmp_path):
-    """Names of the files the attack plants in site-packages; whatever the agent did, they are gone afterwards."""
-    name = f"zz_autoresearch_attack_{os.getpid()}_{tmp_path.name}"
-    yield name
-    for d in site.getsitepackages():
-        for suffix in (".pth", ".py"):
-            Path(d, name + suffix).unlink(missing_ok=True)
+def private_venv(tmp_path):
+    """A virtual environment of its own whose site-packages reaches the project's packages through one .pth line:
+    the attack plants its files there, never in the environment other tests (and other agents) share."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    packages = next(venv.glob("lib/python*/site-packages"))
+    (packages / "project-packages.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    return venv / "bin" / "python", packages
 
 
-def pth_code(name: str) -> str:
-    # harmless to any other Python of the shared environment: it acts only where AUTORESEARCH_ATTACK_MARKER is set
-    return rf'''
+PLANT = r'''
 import site as _site
 _dir = _site.getsitepackages()[0]
-with open(os.path.join(_dir, "{name}.pth"), "w") as _f:
-    _f.write("import os; os.environ.get('AUTORESEARCH_ATTACK_MARKER') and "
-             "open(os.environ['AUTORESEARCH_ATTACK_MARKER'], 'a').write('ran')\n")
-with open(os.path.join(_dir, "{name}.py"), "w") as _f:
+with open(os.path.join(_dir, "zz_attack.pth"), "w") as _f:
+    _f.write("import os; open(os.environ['AUTORESEARCH_ATTACK_MARKER'], 'a').write('ran') "
+             "if 'AUTORESEARCH_ATTACK_MARKER' in os.environ else None\n")
+with open(os.path.join(_dir, "zz_attack.py"), "w") as _f:
     _f.write("RAN = True\n")
 '''
 
 
-def test_a_pth_file_planted_in_site_packages_is_removed_and_the_run_is_a_crash(repo, server, tmp_path, planted):
-    server.push(server.text(hostile(pth_code(planted))), server.text(benign()))
-    rec = run_agent(repo, server, max_experiments=3)
+@pytest.mark.skipif(sys.platform == "win32", reason="the venv layout of POSIX")
+def test_a_pth_file_planted_in_site_packages_is_removed_and_the_run_is_a_crash(repo, server, tmp_path, private_venv):
+    python, packages = private_venv
+    server.push(server.text(hostile(PLANT)), server.text(benign()))
+    p = run_headless_agent(repo, server, "--max", "3", python=python, ANTHROPIC_API_KEY=TEST_KEY)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "integrity snapshot" in p.stdout and str(packages) in p.stdout
     assert statuses(repo) == [(0, "keep"), (1, "crash"), (2, "keep")]
-    assert f"site-packages/{planted}.pth" in rows(repo)[1].notes
-    assert f"site-packages/{planted}.py" in rows(repo)[1].notes
+    assert "site-packages/zz_attack.pth" in rows(repo)[1].notes and "site-packages/zz_attack.py" in rows(repo)[1].notes
     marker = tmp_path / "pth-ran"
-    subprocess.run([sys.executable, "-c", "pass"], env={**os.environ, "AUTORESEARCH_ATTACK_MARKER": str(marker)},
+    subprocess.run([str(python), "-c", "pass"], env={**os.environ, "AUTORESEARCH_ATTACK_MARKER": str(marker)},
                    check=True)
     assert not marker.exists()  # the next start of Python (the next agent) does not run it
-    assert not [d for d in site.getsitepackages() if Path(d, planted + ".pth").exists()]
-    assert (repo / "runs" / "quarantine" / "exp1" / "site-packages" / f"{planted}.pth").is_file()
-    assert any("integrity snapshot" in m for m in rec.logs())
+    assert not (packages / "zz_attack.pth").exists() and not (packages / "zz_attack.py").exists()
+    assert (repo / "runs" / "quarantine" / "exp1" / "site-packages" / "zz_attack.pth").is_file()
 
 
 # ---------------------------------------------------------------------------

@@ -12,20 +12,16 @@ started with the keys in its environment) so that what a child can read of its p
 
 import base64
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from fakes.agent import STORED_KEY, TEST_KEY, file_answer, make_config
+from fakes.agent import STORED_KEY, TEST_KEY, file_answer, make_config, run_headless_agent
 from fakes.repo import agent_repo, git
-from tui.credentials import is_child_hidden
 from tui.orchestrator import Orchestrator
 from tui.results import ResultsFile
 
-ROOT = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
 HF_TOKEN = "hf_SECRETTOKENabcdefgh5555"
 SECRETS = (TEST_KEY, HF_TOKEN, STORED_KEY)
@@ -86,16 +82,10 @@ def repo(tmp_path):
 
 
 def run_headless(repo, server, keyring_file, *extra):
-    """dashboard.py --agent --headless as a child of this test, with the keys in its initial environment and the
-    stored key in its keyring."""
-    env = {k: v for k, v in os.environ.items() if not is_child_hidden(k)}
-    env.update(PYTHONUNBUFFERED="1", ANTHROPIC_API_KEY=TEST_KEY, HF_TOKEN=HF_TOKEN, PYTHONPATH=str(TESTS),
-               PYTHON_KEYRING_BACKEND="fakes.test_keyring.FileKeyring", AUTORESEARCH_TEST_KEYRING=str(keyring_file))
-    args = ["--agent", "--headless", "--tag", "t1", "--model", "claude-sonnet-4-6", "--base-url", server.base_url,
-            "--script", "train.py", "--timeout", "30", "--keep-rule", "single", "--noise-runs", "1", "--scope", "file",
-            "--sandbox", "none", *extra]  # no sandbox: the mitigations must hold without one
-    return subprocess.run([sys.executable, str(ROOT / "dashboard.py"), *args], cwd=repo, env=env, capture_output=True,
-                          text=True, timeout=240)
+    """The agent with the keys in its initial environment and the stored key in its keyring."""
+    return run_headless_agent(repo, server, *extra, ANTHROPIC_API_KEY=TEST_KEY, HF_TOKEN=HF_TOKEN,
+                              PYTHONPATH=str(TESTS), PYTHON_KEYRING_BACKEND="fakes.test_keyring.FileKeyring",
+                              AUTORESEARCH_TEST_KEYRING=str(keyring_file))
 
 
 def statuses(repo):

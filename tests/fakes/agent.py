@@ -1,6 +1,9 @@
 """Helpers for driving the orchestrator in tests: scripted answers, an event recorder, a fast config."""
 
 import json
+import os
+import subprocess
+import sys
 import time
 import threading
 from pathlib import Path
@@ -9,6 +12,7 @@ import psutil
 import pytest
 
 from tui.config import AgentConfig
+from tui.credentials import is_child_hidden
 from tui.events import AgentListener
 from tui.sandbox import detect
 
@@ -82,6 +86,19 @@ def gone(proc: psutil.Process) -> bool:
         return not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE
     except psutil.Error:
         return True
+
+
+def run_headless_agent(repo, server, *extra, python=sys.executable, **env):
+    """dashboard.py --agent --headless (file scope, one-run keep rule) as a real process: what a run can read of its
+    parent is what it really is. `env` is added to this environment without its secrets and provider settings."""
+    full_env = {k: v for k, v in os.environ.items() if not is_child_hidden(k)}
+    full_env.update(PYTHONUNBUFFERED="1", **env)
+    args = ["--agent", "--headless", "--tag", "t1", "--model", "claude-sonnet-4-6", "--base-url", server.base_url,
+            "--script", "train.py", "--timeout", "30", "--keep-rule", "single", "--noise-runs", "1", "--scope", "file",
+            "--sandbox", "none", *extra]  # no sandbox: the mitigations must hold without one
+    dashboard = Path(__file__).resolve().parent.parent.parent / "dashboard.py"
+    return subprocess.run([str(python), str(dashboard), *args], cwd=repo, env=full_env, capture_output=True,
+                          text=True, timeout=240)
 
 
 class Recorder(AgentListener):
