@@ -252,7 +252,8 @@ async def test_agent_mode_pause_diff_stop_and_quit(tmp_path, server):
     app = DashboardApp("agent", agent_config=cfg, clock=CLOCK)
     async with app.run_test(size=(120, 40)) as pilot:
         # pause while exp1 trains: it finishes, then the loop waits
-        await until(pilot, lambda: training_exp(app, 1), what="exp1 training")
+        # the session's start and exp0 with its sealed evaluation come first: seconds each on a busy machine
+        await until(pilot, lambda: training_exp(app, 1), what="exp1 training", timeout=45.0)
         await pilot.press("p")
         await until(pilot, lambda: "pausing after this experiment" in screen_text(app), what="the pause notice")
         await until(pilot, lambda: app.dashboard.state == "paused", what="the pause")

@@ -43,7 +43,7 @@ from tui.llm import Usage
 from tui.messages import (AgentDone, DetailReady, ExperimentEnded, ExperimentStarted, Forward, HardwareDetected,
                           LogMessage, MemorySampled, OutputLine, RunDone, RunStarted, StateChanged, StatsChanged,
                           Step, TrainingProcess)
-from tui.parser import FINAL_LINE_RE, OutputParser
+from tui.parser import FINAL_LINE_RE, SEALED_PREFIX, OutputParser
 from tui.results import Row, rows_for_tag, summarize
 from tui.status_file import STATUS_NAME, read_status
 from tui.sysmem import MemoryMonitor
@@ -58,7 +58,8 @@ COMPACT_WIDTH = 90
 FORCE_QUIT_AFTER = 20.0  # a clean quit that takes longer than this is cut short (SIGKILL, exit)
 CHIP_RE = re.compile(r"^Chip:\s*(.*?)\s*\|\s*peak\s+([\d.]+)\s*TFLOPS", re.IGNORECASE)
 # in agent mode only these trainer lines reach the activity log (the full output is in runs/expN.log)
-AGENT_OUTPUT_KEYS = ("Backend:", "FAIL", "Traceback", "Error", "error:", "Warning", "warning:", "deadline")
+AGENT_OUTPUT_KEYS = ("Backend:", "FAIL", "Traceback", "Error", "error:", "Warning", "warning:", "deadline",
+                     SEALED_PREFIX)  # the engine's evaluation of the export (tui.sealed): its value or why none
 
 
 @dataclass(frozen=True)
