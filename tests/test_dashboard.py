@@ -110,6 +110,8 @@ async def test_single_run_shows_live_metrics_then_the_summary(trainer, tmp_path,
     screen = app.dashboard
     async with app.run_test(size=(120, 40)) as pilot:
         await until(pilot, lambda: screen.training.last is not None and screen.training.last.step >= 3, what="steps")
+        # the panel repaints after the message that carried the step: wait for the screen, not the message
+        await until(pilot, lambda: all(w in screen_text(app) for w in ("ETA", "loss", "12,345")), what="panel")
         live = screen_text(app)
         assert "fake_train.py" in live and "ETA" in live and "loss" in live and "12,345" in live
         assert "backend cpu" in " ".join(live.split())
