@@ -110,6 +110,8 @@ async def test_single_run_shows_live_metrics_then_the_summary(trainer, tmp_path,
     screen = app.dashboard
     async with app.run_test(size=(120, 40)) as pilot:
         await until(pilot, lambda: screen.training.last is not None and screen.training.last.step >= 3, what="steps")
+        # the panel repaints after the message that carried the step: wait for the screen, not the message
+        await until(pilot, lambda: all(w in screen_text(app) for w in ("ETA", "loss", "12,345")), what="panel")
         live = screen_text(app)
         assert "fake_train.py" in live and "ETA" in live and "loss" in live and "12,345" in live
         assert "backend cpu" in " ".join(live.split())
@@ -118,9 +120,6 @@ async def test_single_run_shows_live_metrics_then_the_summary(trainer, tmp_path,
         seen = screen.training.last.step
         await until(pilot, lambda: screen.training.last.step > seen + 2, what="steps behind the detail view")
         app.pop_screen()
-        await until(pilot, lambda: screen.hw_panel.mem is not None and screen.hw_panel.mem.trainer,
-                    what="trainer memory")
-        assert "trainer " in screen_text(app) and "not running" not in screen_text(app)
         await until(pilot, lambda: not screen.running, what="the run to end")
         await pilot.pause(0.1)
         done = " ".join(screen_text(app).split())
@@ -134,6 +133,20 @@ async def test_single_run_shows_live_metrics_then_the_summary(trainer, tmp_path,
         await pilot.press("q")
         await until_exited(app)
     assert app.return_code == 0
+
+
+@sync
+async def test_single_run_shows_the_trainers_memory_while_it_runs(trainer, tmp_path, monkeypatch):
+    monkeypatch.setenv("FAKE_STEPS", "2000")  # runs until quit: the sampler gets as long as it needs
+    app = DashboardApp("single", repo=tmp_path, script=str(trainer), clock=CLOCK, kill_grace=2.0)
+    screen = app.dashboard
+    async with app.run_test(size=(120, 40)) as pilot:
+        await until(pilot, lambda: screen.hw_panel.mem is not None and screen.hw_panel.mem.trainer,
+                    timeout=60, what="trainer memory")
+        await pilot.pause(0.1)
+        assert "trainer " in screen_text(app) and "not running" not in screen_text(app)
+        await pilot.press("q")
+        await until_exited(app)
 
 
 @sync
