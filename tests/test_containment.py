@@ -280,30 +280,60 @@ def test_a_run_that_fills_the_disk_is_a_crash_and_the_loop_goes_on(small_disk, s
     assert shutil.disk_usage(small_disk).free > 15 * 10**6  # ... and so the space is back
 
 
-def test_results_on_a_full_disk_wait_for_space(repo, server):
-    """results.tsv is swapped for a device that answers every write with ENOSPC (/dev/full) while exp1 trains, and
-    given back once the agent says it waits: the row is recorded then, and the loop goes on."""
-    results = repo / "results.tsv"
-    aside = repo / "results.tsv.aside"
+def test_results_on_a_full_disk_wait_for_space(small_disk, repo, server):
+    """results.tsv lives on a small disk (a symlink in the repo points to it) whose last free page is taken while
+    exp1 trains; the row needs a new page (the file ends just short of a page boundary), so the append fails with
+    ENOSPC. The filler goes once the agent says it waits: the row is recorded then, and the loop goes on."""
+    server.push(server.text(hp_answer("lr 0.02", lr=0.02)), server.text(hp_answer("deeper", lr=0.02, depth=6)))
+    assert Orchestrator(make_config(repo, server, max_experiments=1), [Recorder()]).run().ok  # exp0 only
+    results, moved, filler = repo / "results.tsv", small_disk / "results.tsv", small_disk / "filler.bin"
+    shutil.move(results, moved)
+    results.symlink_to(moved)
+    header = moved.read_text().split("\n", 1)[0].split("\t")
+    pad = {"tag": "other", "exp": "0", "status": "discard", "commit": "-", "description": ""}
+    line = lambda desc: "\t".join({**pad, "description": desc}.get(c, "") for c in header) + "\n"  # noqa: E731
+    room = (4096 - 20 - moved.stat().st_size - len(line(""))) % 4096  # another tag's row: none of this run's
+    with open(moved, "a") as f:
+        f.write(line("x" * room))
+    assert moved.stat().st_size % 4096 == 4096 - 20
 
     def on_step(step):
-        if rec.of("start")[-1].exp == 1 and not aside.exists():
-            results.rename(aside)
-            results.symlink_to("/dev/full")
+        if rec.of("start")[-1].exp == 1 and not filler.exists():
+            fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+            for chunk in (1 << 20, 4096):
+                try:
+                    while True:
+                        os.write(fd, b"\0" * chunk)
+                except OSError:
+                    pass
+            os.close(fd)
             threading.Thread(target=give_back, daemon=True).start()
 
     def give_back():
-        wait_for(lambda: any("the disk is full" in m for m in rec.logs("warning")), timeout=30)
-        results.unlink()
-        aside.rename(results)
+        wait_for(lambda: any("the disk is full" in m for m in rec.logs("warning")), timeout=60)
+        filler.unlink()
 
-    server.push(server.text(hp_answer("lr 0.02", lr=0.02)), server.text(hp_answer("deeper", lr=0.02, depth=6)))
     rec = Recorder()
     rec.on_step_hook = on_step
     summary = Orchestrator(make_config(repo, server), [rec]).run()
     assert summary.ok, summary.reason
-    assert statuses(repo) == [(0, "keep"), (1, "keep"), (2, "keep")]
+    assert filler.exists() is False and results.is_symlink()
+    assert [r for r in statuses(repo) if r[0] > 0] == [(1, "keep"), (2, "keep")]
     assert any("space is back, exp1 recorded" in m for m in rec.logs())
+
+
+def test_a_results_file_swapped_for_an_endless_device_is_restored(repo, server):
+    """A run that puts /dev/zero in the place of results.tsv (without a sandbox it can): the check after the run
+    reads no more of it than the agent's own copy (a plain read never ends and fills the memory), then restores it."""
+    kill_results = ('import os\nos.unlink("results.tsv"); os.symlink("/dev/zero", "results.tsv")\n')
+    server.push(server.text(before_training(kill_results, "swap the results")),
+                server.text(file_answer([BETTER], description="lr 0.02")))
+    rec = MemoryWatch(exp=1)
+    summary = Orchestrator(make_config(repo, server, scope="file", sandbox="none"), [rec]).run()
+    assert summary.ok, summary.reason
+    assert not (repo / "results.tsv").is_symlink()
+    assert [e for e, _ in statuses(repo)] == [0, 1, 2]
+    assert rec.growth < 300 * MiB, f"the agent grew by {rec.growth / MiB:.0f} MiB"
 
 
 def test_a_log_that_cannot_be_written_is_a_crash_and_the_loop_goes_on(repo, server):

@@ -1,7 +1,9 @@
-"""Write a file so that a reader (or a restart after kill -9) sees the old content or the new, never half of it."""
+"""Write a file so that a reader (or a restart after kill -9) sees the old content or the new, never half of it;
+read one that a run may have swapped for a device, a FIFO or a huge file without hanging or filling the memory."""
 
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 
@@ -31,3 +33,14 @@ def write_atomic(path, data) -> None:
 
 def write_json_atomic(path, data: dict) -> None:
     write_atomic(path, json.dumps(data, indent=1, default=str))
+
+
+def read_regular(path, limit: int | None = None) -> bytes:
+    """The bytes of a regular file (a symlink to one is followed), at most `limit` of them. Anything else raises
+    OSError: a run could have put /dev/zero, /dev/full or a FIFO in the file's place, which a plain read would read
+    forever or wait on forever."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{path} is not a regular file")
+        return f.read() if limit is None else f.read(limit)

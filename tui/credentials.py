@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
-from tui.atomic import write_atomic
+from tui.atomic import read_regular, write_atomic
 from tui.llm import PROVIDERS
 
 KEYRING_SERVICE = "autoresearch"
@@ -289,8 +289,7 @@ class Redactor:
     def redact_file(self, path) -> bool:
         """Rewrite a file (atomically) without the secrets it holds; True when it held one."""
         try:
-            with open(path, "rb") as f:
-                data = f.read()
+            data = read_regular(path)
         except OSError:
             return False
         clean = self.redact_bytes(data)

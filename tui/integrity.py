@@ -43,10 +43,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tui.atomic import write_atomic
+from tui.atomic import read_regular, write_atomic
 
 CODE_SUFFIXES = (".pth", ".py", ".so", ".pyd", ".dylib")  # what Python (or a .pth line) loads from site-packages
 BYTECODE_SUFFIXES = (".pyc", ".pyo")
+QUARANTINE_LIMIT = 16 << 20  # a planted file is kept (redacted) up to this size: evidence, not a second disk flood
 
 
 @dataclass
@@ -83,8 +84,7 @@ def _scan(root: Path, suffixes) -> dict:
 
 def _sha256(path: str) -> str | None:
     try:
-        with open(path, "rb") as f:
-            return hashlib.sha256(f.read()).hexdigest()
+        return hashlib.sha256(read_regular(path)).hexdigest()
     except OSError:
         return None
 
@@ -150,7 +150,7 @@ class Integrity:
         out = {}
         for p in paths:
             try:
-                out[p] = (p.read_bytes(), stat.S_IMODE(p.stat().st_mode))
+                out[p] = (read_regular(p), stat.S_IMODE(p.stat().st_mode))
             except OSError:
                 continue
         return out
@@ -227,7 +227,7 @@ class Integrity:
     def _save(self, path: Path, r: Repair) -> None:
         """Keep a redacted, non-executable copy of what is about to be replaced or removed."""
         try:
-            data = path.read_bytes()
+            data = read_regular(path, QUARANTINE_LIMIT)
         except OSError:
             return
         dest = r.where / self._name(path).lstrip("/")
@@ -250,7 +250,7 @@ class Integrity:
         path = self.repo / self.script
         committed = self.git.show(commit, self.script)
         try:
-            now = path.read_bytes()
+            now = read_regular(path, len(committed) + 1)
         except OSError:
             now = None
         if now == committed:
@@ -269,7 +269,7 @@ class Integrity:
         files, trees = guarded
         for path, (data, mode) in files.items():
             try:
-                if path.read_bytes() == data:
+                if read_regular(path, len(data) + 1) == data:
                     continue
             except OSError:
                 pass

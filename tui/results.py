@@ -29,7 +29,7 @@ import re
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
-from tui.atomic import write_atomic
+from tui.atomic import read_regular, write_atomic
 
 # ---------------------------------------------------------------------------
 # Columns and statuses
@@ -240,9 +240,11 @@ class ResultsFile:
         if self._content is None:
             return ""
         try:
-            now = self.path.read_bytes()
+            now = read_regular(self.path, len(self._content) + 1)  # enough to tell; a run may have put /dev/zero here
         except FileNotFoundError:
             now = None
+        except OSError:
+            now = b""
         if now == self._content:
             return ""
         write_atomic(self.path, self._content)
