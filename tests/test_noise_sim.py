@@ -29,7 +29,7 @@ def test_confirm_rule_with_the_real_trainer_rarely_keeps_null_changes(tmp_path, 
     assert r["ok"], r["reason"]
     rows = ResultsFile(Path(r["repo"]) / "results.tsv").load()
     exps = group_experiments(rows)
-    assert [(x["run"], x["kind"]) for x in exps[0].rows] == [("0", "noise"), ("1", "noise"), ("2", "noise")]
+    assert [(x.run, x.kind) for x in exps[0].rows] == [(0, "noise"), (1, "noise"), (2, "noise")]
     assert r["null_experiments"] == 6 and r["noise_sigma"] > 0
     # never kept on one run; at most one lucky keep in six (expected rate ~2 %, so one keep happens ~1 run in 9;
     # two would need two independent 2σ flukes, which is what the rule exists to prevent)
