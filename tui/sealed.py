@@ -139,7 +139,8 @@ def _result(returncode, out: bytes, err: bytes, seconds: float) -> SealedResult 
         return f"sealed evaluation failed: {last[:400]}; {EXPORTABLE}"
     try:
         data = json.loads(lines[-1])
-        val_bpb, tokens, model = float(data["val_bpb"]), int(data["tokens"]), str(data.get("model", ""))
+        # at the precision of the summary and of results.tsv: the number the loop decides on is the one a resume reads
+        val_bpb, tokens, model = round(float(data["val_bpb"]), 6), int(data["tokens"]), str(data.get("model", ""))
     except (IndexError, ValueError, TypeError, KeyError):
         return f"sealed evaluation failed: the evaluator printed no result line ({(lines or ['nothing'])[-1][:200]})"
     if not (math.isfinite(val_bpb) and val_bpb > 0):
