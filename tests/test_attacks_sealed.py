@@ -88,6 +88,52 @@ def test_a_module_planted_in_the_repository_does_not_reach_the_evaluator(repo, s
                                                                               (1, "discard", 1.03)]
 
 
+POISON_CACHE = r"""import glob, marshal
+for _pyc in glob.glob("runs/work/.pycache/**/json/__init__.*.pyc", recursive=True, include_hidden=True):
+    with open(_pyc, "rb") as _f:
+        _head = _f.read(16)  # magic, flags, source mtime and size: the header stays valid
+    _code = compile("import sys\nprint('{\"val_bpb\": 1e-06, \"tokens\": 1, \"seconds\": 0}')\nsys.exit(0)\n",
+                    "json", "exec")
+    with open(_pyc, "wb") as _f:
+        _f.write(_head + marshal.dumps(_code))
+    open("runs/poisoned", "w").write(_pyc)
+"""
+
+
+def test_the_evaluators_bytecode_cache_is_kept_and_a_poisoned_one_never_runs(repo, server):
+    """The evaluators' cache lives on from exp0 to exp1 (no minute-long recompilation of torch per experiment), so a
+    run without a sandbox can reach it: exp1 rewrites the evaluator's cached json module to report a record."""
+    cached = {}
+
+    def on_step(step):
+        if rec.of("start")[-1].exp == 1 and not cached:
+            found = list((repo / "runs" / "work" / ".pycache").rglob("json/__init__.*.pyc"))
+            cached.update((p, p.stat().st_ino) for p in found)
+
+    rec = Recorder()
+    rec.on_step_hook = on_step
+    summary, _, _ = run(repo, server, POISON_CACHE, rec)
+    assert cached, "exp0's evaluation left no bytecode for exp1's"
+    assert (repo / "runs" / "poisoned").is_file()  # the attack ran
+    assert summary.ok and [(r.exp, r.status, r.val_bpb) for r in rows(repo)] == [(0, "keep", 1.03),
+                                                                              (1, "discard", 1.03)]
+
+
+def test_the_evaluators_bytecode_cache_serves_the_next_evaluation(repo, server):
+    inodes = []
+
+    def on_step(step):
+        if rec.of("start")[-1].exp > len(inodes):
+            found = sorted((repo / "runs" / "work" / ".pycache").rglob("json/__init__.*.pyc"))
+            inodes.append([p.stat().st_ino for p in found])
+
+    server.push(server.text(hp_answer("lr 0.02", lr=0.02)), server.text(hp_answer("lr 0.03", lr=0.03)))
+    rec = Recorder()
+    rec.on_step_hook = on_step
+    assert Orchestrator(make_config(repo, server, max_experiments=3, sandbox="none"), [rec]).run().ok
+    assert len(inodes) == 2 and inodes[0] and inodes[0] == inodes[1]  # compiled by exp0's evaluator, used since
+
+
 def test_an_unusable_export_is_a_crash_that_says_why_and_what_to_keep(repo, server):
     summary, rec, _ = run(repo, server, 'run_dir = os.environ["AUTORESEARCH_RUN_DIR"]\n'
                                         'open(os.path.join(run_dir, "fake_model.json"), "w").write("[]")\n'

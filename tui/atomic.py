@@ -1,8 +1,10 @@
-"""Write a file so that a reader (or a restart after kill -9) sees the old content or the new, never half of it;
-read one that a run may have swapped for a device, a FIFO or a huge file without hanging or filling the memory."""
+"""Files a hostile run may have touched. Write one so that a reader (or a restart after kill -9) sees the old content
+or the new, never half of it; read one that a run may have swapped for a device, a FIFO or a huge file without
+hanging or filling the memory; remove a tree whatever the run did to it."""
 
 import json
 import os
+import shutil
 import stat
 import tempfile
 from pathlib import Path
@@ -44,3 +46,24 @@ def read_regular(path, limit: int | None = None) -> bytes:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise OSError(f"{path} is not a regular file")
         return f.read() if limit is None else f.read(limit)
+
+
+def remove_tree(path) -> None:
+    """Remove what a run left, whatever it did to it: a symlink is removed, not followed; read-only directories are
+    made writable first. Errors are ignored (the next run's submit tries again)."""
+    def unlock(func, p, _exc):  # p could not be listed or removed: open up its directory (and itself), retry once
+        try:
+            os.chmod(os.path.dirname(p), stat.S_IRWXU)
+            if os.path.isdir(p) and not os.path.islink(p):
+                os.chmod(p, stat.S_IRWXU)
+            func(p)
+        except OSError:
+            pass
+    path = Path(path)
+    try:
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+        elif path.is_dir():
+            shutil.rmtree(path, onerror=unlock)
+    except OSError:
+        pass

@@ -21,9 +21,10 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tui.atomic import remove_tree
 from tui.credentials import scrub_env
 from tui.sandbox import Sandbox, SandboxError, detect
-from tui.sealed import Evaluator
+from tui.sealed import PYCACHE, BytecodeCache, Evaluator
 from tui.training_run import KILL_GRACE, RunOutcome, TrainingRun
 
 # Variables a training run may see: the process basics, and the settings of the frameworks and libraries it uses.
@@ -96,12 +97,13 @@ class Executor:
 
 
 class LocalRun(RunHandle):
-    def __init__(self, spec: RunSpec, cwd: Path, kill_grace: float, sandbox: Sandbox):
+    def __init__(self, spec: RunSpec, cwd: Path, kill_grace: float, sandbox: Sandbox,
+                 cache: "BytecodeCache | None" = None):
         self.spec = spec
         self.kill_grace = kill_grace
         self._reason: str | None = None
         self._lock = threading.Lock()
-        self.evaluator = Evaluator(cwd)  # the scoring code as it is before the trainer runs
+        self.evaluator = Evaluator(cwd, cache)  # the scoring code as it is before the trainer runs
         argv = sandbox.wrap([spec.python, "-u", spec.script], cwd, spec.run_dir, spec.env)
         tmp = str(spec.run_dir / "tmp")  # the run's temporary files go with its directory
         self.run = TrainingRun(spec.script, cwd, spec.log_path, deadline=spec.deadline, python=spec.python,
@@ -142,6 +144,7 @@ class LocalExecutor(Executor):
         self.kill_grace = kill_grace
         self.choice = sandbox
         self._sandbox: Sandbox | None = None
+        self._caches: dict = {}  # runs/work -> its evaluators' BytecodeCache, for the agent's lifetime
 
     @property
     def sandbox(self) -> Sandbox:
@@ -161,29 +164,11 @@ class LocalExecutor(Executor):
             spec.log_path.parent.mkdir(parents=True, exist_ok=True)
             if spec.run_dir.parent.is_dir():
                 for old in spec.run_dir.parent.iterdir():
-                    remove_tree(old)
+                    if old.name != PYCACHE:  # the evaluators' cache guards itself (tui.sealed.BytecodeCache)
+                        remove_tree(old)
             (spec.run_dir / "tmp").mkdir(parents=True)
         except OSError as e:
             raise ExecutorError(f"cannot prepare the run directory {spec.run_dir}: {e}; free some space or fix "
                                 f"the permissions, then start again") from None
-        return LocalRun(spec, self.repo, self.kill_grace, self.sandbox)
-
-
-def remove_tree(path: Path) -> None:
-    """Remove what a run left, whatever it did to it: a symlink is removed, not followed; read-only directories are
-    made writable first. Errors are ignored (the next run's submit tries again)."""
-    def unlock(func, p, _exc):  # p could not be listed or removed: open up its directory (and itself), retry once
-        try:
-            os.chmod(os.path.dirname(p), stat.S_IRWXU)
-            if os.path.isdir(p) and not os.path.islink(p):
-                os.chmod(p, stat.S_IRWXU)
-            func(p)
-        except OSError:
-            pass
-    try:
-        if path.is_symlink() or path.is_file():
-            path.unlink()
-        elif path.is_dir():
-            shutil.rmtree(path, onerror=unlock)
-    except OSError:
-        pass
+        cache = self._caches.setdefault(spec.run_dir.parent, BytecodeCache(spec.run_dir.parent / PYCACHE))
+        return LocalRun(spec, self.repo, self.kill_grace, self.sandbox, cache)

@@ -61,8 +61,9 @@ class Repair:
     seconds: float = 0.0  # how long the check took
 
 
-def _scan(root: Path, suffixes) -> dict:
-    """path -> (size, mtime_ns, ctime_ns, inode) of every file under root whose name ends in one of suffixes."""
+def scan_files(root: Path, suffixes=("",)) -> dict:
+    """path -> (size, mtime_ns, ctime_ns, inode) of every file (a symlink is not followed) under root whose name ends
+    in one of suffixes."""
     out, stack = {}, [str(root)]
     while stack:
         try:
@@ -120,7 +121,7 @@ class Integrity:
         self._worktree: tuple = ({}, [])
         self._gitdir: tuple = ({}, [])
         self._bytecode: list = []  # (directory, module stem or None for all of the tree) that must have no bytecode
-        self._site: dict = {}  # site-packages listing, see _scan
+        self._site: dict = {}  # site-packages listing, see scan_files
         self._pth: dict = {}  # site-packages .pth file -> sha256
 
     # -- the snapshot ---------------------------------------------------------------------------------------------
@@ -141,7 +142,7 @@ class Integrity:
             os.unlink(pyc)
         self._site = {}
         for root in self.sites:
-            self._site.update(_scan(root, CODE_SUFFIXES + BYTECODE_SUFFIXES))
+            self._site.update(scan_files(root, CODE_SUFFIXES + BYTECODE_SUFFIXES))
         self._pth = {p: _sha256(p) for p in self._site if p.endswith(".pth")}
         return self
 
@@ -286,7 +287,7 @@ class Integrity:
     def _check_site(self, r: Repair) -> None:
         now = {}
         for root in self.sites:
-            now.update(_scan(root, CODE_SUFFIXES + BYTECODE_SUFFIXES))
+            now.update(scan_files(root, CODE_SUFFIXES + BYTECODE_SUFFIXES))
         stray = []
         for path, facts in now.items():
             new = path not in self._site

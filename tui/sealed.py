@@ -11,6 +11,8 @@ A trainer run by the engine gets AUTORESEARCH_RUN_DIR (RunSpec.run_dir) and expo
   so no module the trainer wrote can shadow numpy or torch. A script read from stdin has no .pyc of its own, and the
   pycache prefix sends every other .pyc lookup to a directory only evaluators write, so no __pycache__ left anywhere
   by a trainer is read (the prefix persists so that torch's modules are compiled once, not for every evaluation);
+- the pycache prefix is kept from one evaluation to the next (BytecodeCache) and emptied when anything but an
+  evaluator changed it;
 - the environment is the run's (tui.executor.run_env: the allow-list), the working directory the repository;
 - the evaluator prints one JSON line {"val_bpb", "tokens", "seconds", "model"}, or exits non-zero with a one-line
   error, which becomes the run's crash note.
@@ -27,6 +29,8 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from tui.atomic import remove_tree
+from tui.integrity import scan_files
 from tui.parser import SEALED_PREFIX, ParsedLine
 from tui.training_run import IS_WINDOWS, POLL_SECONDS, RunOutcome, kill_process_group
 
@@ -46,11 +50,31 @@ class SealedResult:
     model: str = ""  # the file it scored, in the run directory
 
 
+class BytecodeCache:
+    """The evaluators' bytecode cache (the pycache prefix), kept across runs: emptied for every evaluation, it made each
+    one compile torch's modules again (about a minute on a 2-core CPU). Only evaluators may write it, and a run without
+    a sandbox can reach it, so its listing (size, mtime, ctime and inode of every file; no program can set a ctime
+    back) is recorded after each evaluation and compared before the next: any difference empties it. The record lives
+    in the agent's memory only, so the first evaluation of a session starts from an empty cache."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self._seen: dict | None = None
+
+    def check(self) -> None:
+        if self._seen is None or scan_files(self.path) != self._seen:
+            remove_tree(self.path)
+
+    def record(self) -> None:
+        self._seen = scan_files(self.path)
+
+
 class Evaluator:
     """prepare.py's evaluator as it is now, before the run starts."""
 
-    def __init__(self, repo):
+    def __init__(self, repo, cache: BytecodeCache | None = None):
         self.repo = Path(repo)
+        self.cache = cache  # None: a fresh prefix for every evaluation
         try:
             self.source: bytes | None = (self.repo / EVALUATOR).read_bytes()
         except OSError:
@@ -65,6 +89,8 @@ class Evaluator:
         if self.source is None:
             return f"sealed evaluation impossible: there was no {EVALUATOR} in {self.repo} when the run started"
         kwargs = {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP} if IS_WINDOWS else {"start_new_session": True}
+        cache = self.cache or BytecodeCache(Path(spec.run_dir).parent / PYCACHE)
+        cache.check()
         t0 = time.monotonic()
         try:
             proc = subprocess.Popen(self.argv(spec), cwd=self.repo, env=spec.env, stdin=subprocess.PIPE,
@@ -96,6 +122,7 @@ class Evaluator:
                     os.killpg(proc.pid, signal.SIGKILL)
                 except (ProcessLookupError, PermissionError):
                     pass
+            cache.record()
         seconds = time.monotonic() - t0
         if why:
             return why
