@@ -196,6 +196,49 @@ def test_a_pth_file_planted_in_site_packages_is_removed_and_the_run_is_a_crash(r
     assert (repo / "runs" / "quarantine" / "exp1" / "site-packages" / "zz_attack.pth").is_file()
 
 
+LINK_ELSEWHERE = r'''
+import site as _site
+if not os.path.exists("runs/elsewhere.py"):  # kept: exp2 runs this script too
+    os.link(os.path.join(_site.getsitepackages()[0], "zz_installed.py"), "runs/elsewhere.py")
+'''
+
+REWRITE_INSTALLED = r'''
+import site as _site
+with open(os.path.join(_site.getsitepackages()[0], "zz_installed.py"), "a") as _f:
+    _f.write("RAN = True\n")
+'''
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="the venv layout of POSIX")
+def test_a_hard_link_to_an_installed_module_made_elsewhere_is_no_change(repo, server, private_venv):
+    """uv installs a package into each environment as hard links to one cached copy: installing it anywhere else
+    changes the ctime of the files here, not what they are. Such a file stays, and the run is not a crash."""
+    python, packages = private_venv
+    (packages / "zz_installed.py").write_text("VERSION = 1\n")
+    server.push(server.text(hostile(LINK_ELSEWHERE)), server.text(benign()))
+    p = run_headless_agent(repo, server, "--max", "3", python=python, ANTHROPIC_API_KEY=TEST_KEY)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert (repo / "runs" / "elsewhere.py").is_file()  # the link was made while exp1 ran
+    assert [e for e, s in statuses(repo) if s != "crash"] == [0, 1, 2], [r.notes for r in rows(repo)]
+    assert (packages / "zz_installed.py").read_text() == "VERSION = 1\n"
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="the venv layout of POSIX")
+def test_an_installed_module_rewritten_by_a_run_stops_the_agent_and_stays(repo, server, private_venv):
+    """Removing a package's module would break the user's environment; keeping it may run the run's code in the next
+    Python: the run is a crash, the module is left as it is, and the agent stops saying what to reinstall."""
+    python, packages = private_venv
+    (packages / "zz_installed.py").write_text("VERSION = 1\n")
+    server.push(server.text(hostile(REWRITE_INSTALLED)), server.text(benign()))
+    p = run_headless_agent(repo, server, "--max", "3", python=python, ANTHROPIC_API_KEY=TEST_KEY)
+    assert p.returncode != 0
+    assert statuses(repo) == [(0, "keep"), (1, "crash")]
+    assert "site-packages/zz_installed.py" in rows(repo)[1].notes
+    assert "site-packages/zz_installed.py: changed in place during the run (left as they are)" in p.stdout
+    assert "uv sync --reinstall" in p.stdout + p.stderr
+    assert (packages / "zz_installed.py").read_text() == "VERSION = 1\nRAN = True\n"
+
+
 # ---------------------------------------------------------------------------
 # #9 the key appended to train.py while it runs: committed with the next experiment
 # ---------------------------------------------------------------------------

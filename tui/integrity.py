@@ -59,6 +59,7 @@ class Repair:
     where: Path | None = None  # the quarantine directory of this run
     quarantine: Path | None = None  # set to `where` once something was saved there
     seconds: float = 0.0  # how long the check took
+    fatal: str | None = None  # what could not be repaired: the loop stops once the run is recorded
 
 
 def scan_files(root: Path, suffixes=("",)) -> dict:
@@ -81,6 +82,12 @@ def scan_files(root: Path, suffixes=("",)) -> dict:
                 except OSError:
                     continue
     return out
+
+
+def _same_file(a: tuple, b: tuple) -> bool:
+    """scan_files facts of one site-packages file, before and after: size, mtime and inode. Not the ctime: a link
+    made elsewhere changes it (uv installs a package into every environment as hard links to one cached copy)."""
+    return (a[0], a[1], a[3]) == (b[0], b[1], b[3])
 
 
 def _sha256(path: str) -> str | None:
@@ -288,20 +295,30 @@ class Integrity:
         now = {}
         for root in self.sites:
             now.update(scan_files(root, CODE_SUFFIXES + BYTECODE_SUFFIXES))
-        stray = []
+        stray, changed = [], []
         for path, facts in now.items():
             new = path not in self._site
-            changed = new or facts != self._site[path] or (path in self._pth and _sha256(path) != self._pth[path])
-            if not changed:
+            pth = path in self._pth and _sha256(path) != self._pth[path]
+            if not (new or pth or not _same_file(facts, self._site[path])):
                 continue
             if path.endswith(BYTECODE_SUFFIXES):
                 Path(path).unlink(missing_ok=True)
                 stray.append(self._name(path))
-            else:
+            elif new or pth:  # a .pth runs at every start of Python; a new module only shadows or adds
                 self._remove(path, r, ("new" if new else "changed") + ": removed (reinstall the package if it was "
                                       "yours)", save=True)
+            else:  # a package's own module: removing it would break the environment, keeping it may run the run's code
+                changed.append(self._name(path))
+                self._site[path] = facts
+                continue
             self._site.pop(path, None)
             self._pth.pop(path, None)
+        if changed:
+            listed = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+            r.touched.extend(changed)
+            r.details.append(f"{listed}: changed in place during the run (left as they are)")
+            r.fatal = (f"installed packages changed while a run trained ({listed}): stopping; unless you changed "
+                       f"them yourself, reinstall them (uv sync --reinstall), then start again")
         if stray:
             r.warnings.append(f"{len(stray)} bytecode files appeared in site-packages: removed, Python compiles them "
                               f"again from their source ({', '.join(stray[:3])}{', ...' if len(stray) > 3 else ''})")

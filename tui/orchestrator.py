@@ -78,6 +78,7 @@ class Orchestrator:
         self._handle = None  # the run in progress
         self._committed: Trial | None = None  # an experiment commit without its rows yet (reverted on abort)
         self._skips_in_a_row = self._crashes_in_a_row = self._session_rows = 0
+        self._fatal: str | None = None  # a run left what cannot be repaired (tui.integrity.Repair.fatal)
         self._last_note = ""
         self._lock_held = False
 
@@ -206,6 +207,8 @@ class Orchestrator:
 
     def _check_guards(self) -> None:
         cfg = self.cfg
+        if self._fatal:
+            raise FatalError(self._fatal)
         if cfg.max_consecutive_skips and self._skips_in_a_row >= cfg.max_consecutive_skips:
             raise FatalError(f"{self._skips_in_a_row} experiments in a row were skipped (see the log): stopping; "
                              f"check the LLM provider, then start again to resume")
@@ -298,6 +301,7 @@ class Orchestrator:
                       f"{'; '.join(repair.details)}{saved}", "warning")
         for line in repair.warnings:
             self._log(f"{label}: {line}", "warning")
+        self._fatal = self._fatal or repair.fatal
         return repair.touched
 
     def _train(self, trial: Trial, run: int, seed, log):

@@ -104,7 +104,8 @@ def judge(outcome: RunOutcome, touched: list, budget: float, allowance: float) -
     if outcome.stopped == "skip":
         return "skip", "skipped by the user during training"
     if touched:
-        return "crash", f"the run modified protected files ({', '.join(touched)}); they were restored"
+        return "crash", (f"the run modified protected files ({', '.join(touched)}); repaired where it could be "
+                         f"(see the log)")
     if not outcome.ok:
         return "crash", outcome.crash_reason()
     if outcome.seconds > budget + allowance:
