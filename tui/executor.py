@@ -169,6 +169,18 @@ class LocalExecutor(Executor):
         return LocalRun(spec, self.repo, self.kill_grace, self.sandbox)
 
 
+EXECUTORS = ("local", "ray")
+
+
+def make_executor(cfg) -> Executor:
+    """The executor an AgentConfig (resolved) asks for. The Ray one imports ray only in prepare(), so a missing
+    extra is a one-line startup error, not an ImportError here."""
+    if cfg.executor == "ray":
+        from tui.ray_executor import RayExecutor
+        return RayExecutor(cfg.repo, cfg.ray_address, cfg.kill_grace, cfg.sandbox, resources=cfg.ray_resources)
+    return LocalExecutor(cfg.repo, cfg.kill_grace, cfg.sandbox)
+
+
 def remove_tree(path: Path) -> None:
     """Remove what a run left, whatever it did to it: a symlink is removed, not followed; read-only directories are
     made writable first. Errors are ignored (the next run's submit tries again)."""
