@@ -15,9 +15,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from fakes.agent import Recorder, gone, hp_answer, hp_block, make_config, run_headless_agent, wait_for
+from fakes.agent import Recorder, gone, hp_answer, make_config, run_headless_agent, wait_for
 from fakes.repo import FAKE_PREPARE, FAKE_TRAIN, USER_UNTRACKED, agent_repo, git
 from tui.orchestrator import Orchestrator
+from tui.ray_executor import CANCEL_WAIT, MISSING, connect
 from tui.results import ResultsFile
 
 ray = pytest.importorskip("ray")
@@ -108,7 +109,6 @@ class Cluster:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    from tui.ray_executor import connect
     c = Cluster(tmp_path_factory.mktemp("ray"))
     try:
         c.start("head", "127.0.0.2", head=True)
@@ -183,3 +183,89 @@ def test_experiments_run_on_both_nodes_with_the_commit_tracked_files_only(tmp_pa
     assert (repo / USER_UNTRACKED).exists()
     # the dataset was prepared once for the cluster's (shared) cache, though both nodes ran
     assert (cluster.cache / "prepared.log").read_text() == "testdata\n"
+
+
+SLOW_TRAIN = LISTING_TRAIN.replace("STEPS = 5\n", "STEPS = 40\n").replace("STEP_SLEEP = 0.0\n", "STEP_SLEEP = 0.25\n")
+
+
+@pytest.mark.slow
+def test_skip_stops_the_run_on_its_node_and_records_a_skip(tmp_path, server, cluster):
+    """s during a run on the cluster: the node stops the run as a local run stops (its processes die), the outcome
+    says skipped, and the loop records the skip, well before Ray would cancel the task by force."""
+    repo = ray_repo(tmp_path / "repo", SLOW_TRAIN)
+    rec, runs = Recorder(), []
+    cfg = make_config(repo, server, max_experiments=1, timeout=60.0, executor="ray", ray_address=cluster.address,
+                      ray_resources={"slot": 1})
+    orch = Orchestrator(cfg, [rec])
+
+    def skip(step):
+        if not runs:
+            runs.extend(p for p in cluster.processes() if "train.py" in " ".join(p.cmdline()))
+            skipped.append(time.monotonic())
+            orch.skip_current()
+    rec.on_step_hook, skipped = skip, []
+    summary = orch.run()
+    assert summary.ok, rec.logs("error")
+    assert time.monotonic() - skipped[0] < CANCEL_WAIT, "stopped by the node, not by Ray's forced cancel"
+    assert runs and all(gone(p) for p in runs)
+    assert [(r["exp"], r["status"]) for r in rows(repo)] == [("exp0", "skip")]
+
+
+def _hold_slot(started: str, release: str) -> None:
+    """A Ray task that keeps a node's slot busy until the file `release` exists."""
+    Path(started).touch()
+    while not Path(release).exists():
+        time.sleep(0.1)
+
+
+@pytest.mark.slow
+def test_a_node_lost_mid_experiment_reruns_it_elsewhere_recorded_once(tmp_path, server, cluster):
+    """Runs last: it kills the cluster's second node. The head's slot is held by another task, so the baseline starts
+    on node2; at its first step node2's Ray services get kill -9; its worker and the run's processes die of it, the
+    run is submitted again and, once the head's slot is free, runs there to the end: one row."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    repo = ray_repo(tmp_path / "repo", SLOW_TRAIN)
+    started, release = tmp_path / "held", tmp_path / "release"
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the task's code travels with it
+    head, node2 = cluster.node_id("head"), cluster.node_id("node2")
+    hold = ray.remote(num_cpus=0, resources={"slot": 1}, max_retries=0)(_hold_slot).options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(head, soft=False)).remote(str(started), str(release))
+    wait_for(started.exists, timeout=60)
+
+    rec, victims = Recorder(), []
+
+    def kill_node2(step):
+        if not victims and f"runs on Ray node {node2[:12]}" in "\n".join(rec.of("output")):
+            victims.extend(cluster.processes("node2"))
+            assert any("train.py" in " ".join(p.cmdline()) for p in victims), "the run is on node2"
+            cluster.kill("node2")
+            release.touch()
+    rec.on_step_hook = kill_node2
+    cfg = make_config(repo, server, max_experiments=1, timeout=60.0, executor="ray", ray_address=cluster.address,
+                      ray_resources={"slot": 1})
+    summary = Orchestrator(cfg, [rec]).run()
+    ray.get(hold)
+    assert summary.ok, rec.logs("error")
+    assert victims, "node2 was not killed"
+    wait_for(lambda: all(gone(p) for p in victims), timeout=30)  # the worker and the run died with their node
+
+    assert [(r["exp"], r["status"], r["val_bpb"]) for r in rows(repo)] == [("exp0", "keep", "1.030000")]
+    log = (repo / "runs" / "exp0.log").read_text()
+    assert f"Ray node {node2[:12]}" in log and "was lost mid-run" in log
+    assert log_nodes(repo) == {"exp0": head[:12]}
+    assert any("was lost mid-run" in line and "attempt 2 of 3" in line for line in rec.of("output"))
+
+
+def test_executor_ray_without_ray_installed_says_what_to_install(tmp_path, server):
+    """dashboard.py --agent --executor ray in a Python where `import ray` fails (sitecustomize blocks it, as a
+    missing package would): exit 1 with the one line to act on, before anything runs."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text("import sys\nsys.modules['ray'] = None  # import ray: ImportError\n")
+    repo = agent_repo(tmp_path / "repo")
+    p = run_headless_agent(repo, server, "--executor", "ray", PYTHONPATH=str(site))
+    assert p.returncode == 1, p.stdout + p.stderr
+    lines = [line for line in (p.stdout + p.stderr).splitlines() if MISSING in line]
+    assert lines and "Traceback" not in p.stdout + p.stderr
+    assert "uv sync --extra ray" in MISSING
+    assert not (repo / "results.tsv").exists() and not server.requests

@@ -55,6 +55,13 @@ def default_timeout(time_budget: float) -> float:
     return time_budget + max(300.0, time_budget)
 
 
+def valid_resources(value) -> bool:
+    """A Ray resource request: a non-empty {name: positive amount}."""
+    return isinstance(value, dict) and bool(value) and all(
+        isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+        for k, v in value.items())
+
+
 @dataclass
 class AgentConfig:
     repo: Path = Path(".")
@@ -136,10 +143,7 @@ class AgentConfig:
             raise ConfigError(f"unknown sandbox {self.sandbox!r}: choose one of {', '.join(SANDBOXES)}")
         if self.executor not in EXECUTORS:
             raise ConfigError(f"unknown executor {self.executor!r}: choose one of {', '.join(EXECUTORS)}")
-        if self.ray_resources is not None and not (
-                isinstance(self.ray_resources, dict) and self.ray_resources
-                and all(isinstance(k, str) and isinstance(v, (int, float)) and v > 0
-                        for k, v in self.ray_resources.items())):
+        if self.ray_resources is not None and not valid_resources(self.ray_resources):
             raise ConfigError(f"--ray-resources must name resources with positive amounts, e.g. '{{\"GPU\": 1}}' "
                               f"(got {self.ray_resources!r})")
         if self.timeout is not None and self.timeout <= 0:

@@ -348,8 +348,7 @@ class RayRun(RunHandle):
                 except lost as e:
                     if self._reason:
                         return self._stopped(self._reason, t0)
-                    why = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}" if str(e).strip() else \
-                        type(e).__name__
+                    why = type(e).__name__  # Ray's message is a paragraph; the node is named already
                     where = f"Ray node {self.node}" if self.node else "its Ray node"
                     if self.attempt >= self.ex.attempts:
                         text = (f"{self.spec.label}: {where} was lost mid-run ({why}), attempt {self.attempt} of "
