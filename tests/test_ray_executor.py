@@ -158,22 +158,26 @@ def test_experiments_run_on_both_nodes_with_the_commit_tracked_files_only(tmp_pa
     (repo / "notes-untracked.txt").write_text("an untracked file of the user\n")
     server.push(server.text(hp_answer("raise LR to 0.02", lr=0.02), 1000, 200),
                 server.text(hp_answer("raise LR to 0.05", lr=0.05), 1000, 200),
-                server.text(hp_answer("depth 6", lr=0.02, depth=6), 1000, 200))
+                server.text(hp_answer("depth 6", lr=0.02, depth=6), 1000, 200),
+                server.text(hp_answer("rewrite prepare.py", lr=0.02, depth=6, mode="tamper"), 1000, 200))
     rec = Recorder()
-    cfg = make_config(repo, server, max_experiments=4, timeout=60.0, executor="ray", ray_address=cluster.address,
-                      ray_resources={"slot": 1})
+    # no sandbox here (the other tests run in bubblewrap): what the node itself checks must hold without one
+    cfg = make_config(repo, server, max_experiments=5, timeout=60.0, executor="ray", ray_address=cluster.address,
+                      ray_resources={"slot": 1}, sandbox="none")
     summary = Orchestrator(cfg, [rec]).run()
     assert summary.ok, rec.logs("error")
 
     assert [(r["exp"], r["status"], r["val_bpb"]) for r in rows(repo)] == [
         ("exp0", "keep", "1.030000"), ("exp1", "keep", "1.020000"), ("exp2", "discard", "1.110000"),
-        ("exp3", "keep", "1.000000")]
+        ("exp3", "keep", "1.000000"), ("exp4", "crash", "0.000000")]
+    assert "the run changed its code on the node (prepare.py)" in rows(repo)[4]["notes"]
     assert git(repo, "log", "--format=%s", "autoresearch/t1").splitlines()[0].startswith("exp3: depth 6")
     nodes = log_nodes(repo)
-    assert sorted(nodes) == ["exp0", "exp1", "exp2", "exp3"]
+    assert sorted(nodes) == ["exp0", "exp1", "exp2", "exp3", "exp4"]
     assert {n[:12] for n in nodes.values()} == {cluster.node_id("head")[:12], cluster.node_id("node2")[:12]}
     assert any(s.step is not None for s in rec.of("step")), "progress lines were streamed back"
     assert any("sealed" in line.lower() for line in rec.of("output"))
+    assert any("on Ray node" in line and "NOT sandboxed" in line for line in rec.of("output"))
 
     # the node had the commit's tracked files, nothing else: no untracked file, no .git, no results or runs
     listed = {json.dumps(sorted(json.loads(line.split("files: ", 1)[1])))

@@ -169,6 +169,7 @@ def node_env(spec_env: dict, run_dir: Path) -> dict:
     """The node's allow-listed environment, then the run's settings (AUTORESEARCH_*, PYTHONDONTWRITEBYTECODE) except
     the agent machine's paths."""
     env = run_env(os.environ)
+    env.pop("PYTHONPATH", None)  # the worker's is Ray's (the job's py_modules, the engine's code): not for a trainer
     env.update({k: v for k, v in spec_env.items()
                 if (k.startswith("AUTORESEARCH_") and k not in NODE_LOCAL) or k == "PYTHONDONTWRITEBYTECODE"})
     env["AUTORESEARCH_RUN_DIR"] = str(run_dir)
@@ -238,7 +239,11 @@ def node_run(spec: RunSpec, archive: bytes, relay, run_id: str, kill_grace: floa
             return {"outcome": _crash(spec, problem, t0), "log": problem.encode() + b"\n", "node": node}
         local = replace(spec, log_path=log_path, run_dir=run_dir, env=env, python=sys.executable)
         try:
-            handle = LocalExecutor(repo, kill_grace, sandbox).submit(local)
+            executor = LocalExecutor(repo, kill_grace, sandbox)
+            level, text = executor.sandbox.describe()
+            if level != "info":  # e.g. no bubblewrap on this node: the agent's user must hear of it
+                say(f"[autoresearch: on Ray node {node}: {text}]")
+            handle = executor.submit(local)
         except ExecutorError as e:
             return {"outcome": _crash(spec, str(e), t0), "log": str(e).encode() + b"\n", "node": node}
         outcome = handle.wait(on_line=lambda pl: outbox.put(("line", pl)))
