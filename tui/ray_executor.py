@@ -184,6 +184,8 @@ def ensure_dataset(repo: Path, env: dict, dataset: str, say) -> str | None:
     import subprocess
 
     from tui.sandbox import cache_dir
+    if Path(dataset).name != dataset or dataset.startswith("."):
+        return f"invalid dataset name {dataset!r}: use letters, digits, '.', '_' and '-'"
     cache = Path(cache_dir(env))
     marker = cache / dataset / PREPARED
     if marker.exists():
@@ -210,7 +212,7 @@ def ensure_dataset(repo: Path, env: dict, dataset: str, say) -> str | None:
     return None
 
 
-def _crash(spec: RunSpec, why: str, t0: float) -> RunOutcome:
+def _crash(why: str, t0: float) -> RunOutcome:
     return RunOutcome(returncode=None, final=None, failed=False, timed_out=False, stopped=None,
                       seconds=time.monotonic() - t0, log_path=None, tail=[why], cut=why)
 
@@ -236,7 +238,7 @@ def node_run(spec: RunSpec, archive: bytes, relay, run_id: str, kill_grace: floa
         env = node_env(spec.env, run_dir)
         problem = ensure_dataset(repo, env, spec.dataset, say)
         if problem:
-            return {"outcome": _crash(spec, problem, t0), "log": problem.encode() + b"\n", "node": node}
+            return {"outcome": _crash(problem, t0), "log": problem.encode() + b"\n", "node": node}
         local = replace(spec, log_path=log_path, run_dir=run_dir, env=env, python=sys.executable)
         try:
             executor = LocalExecutor(repo, kill_grace, sandbox)
@@ -245,10 +247,10 @@ def node_run(spec: RunSpec, archive: bytes, relay, run_id: str, kill_grace: floa
                 say(f"[autoresearch: on Ray node {node}: {text}]")
             handle = executor.submit(local)
         except ExecutorError as e:
-            return {"outcome": _crash(spec, str(e), t0), "log": str(e).encode() + b"\n", "node": node}
+            return {"outcome": _crash(str(e), t0), "log": str(e).encode() + b"\n", "node": node}
         outcome = handle.wait(on_line=lambda pl: outbox.put(("line", pl)))
-        changed = sorted(k for k, v in _tree_hashes(repo).items() if before.get(k) != v)
-        changed += sorted(set(before) - set(_tree_hashes(repo)))
+        after = _tree_hashes(repo)
+        changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
         if changed and outcome.stopped is None:
             outcome = replace(outcome, cut=f"the run changed its code on the node ({', '.join(changed[:5])}): "
                                            f"a crash, whatever it printed")
@@ -359,7 +361,7 @@ class RayRun(RunHandle):
                         text = (f"{self.spec.label}: {where} was lost mid-run ({why}), attempt {self.attempt} of "
                                 f"{self.ex.attempts}: giving up")
                         self._say(f"[autoresearch: {text}]", on_line)
-                        return replace(_crash(self.spec, text, t0), log_path=self.spec.log_path)
+                        return replace(_crash(text, t0), log_path=self.spec.log_path)
                     note = f"{where} was lost mid-run ({why}); run again from the start"
                     self.notes.append(f"attempt {self.attempt}: {note}")
                     self._say(f"[autoresearch: {self.spec.label}: {note} (attempt {self.attempt + 1} of "
@@ -371,7 +373,7 @@ class RayRun(RunHandle):
                     last = (str(e).strip().splitlines() or [type(e).__name__])[-1][:300]
                     text = f"the Ray task failed on {self.node or 'its node'}: {last}"
                     self._say(f"[autoresearch: {text}]", on_line)
-                    return replace(_crash(self.spec, text, t0), log_path=self.spec.log_path)
+                    return replace(_crash(text, t0), log_path=self.spec.log_path)
                 self._pump(on_line)
                 return self._finish(result)
         except BaseException:  # a forced exit of the agent: the run on the node must not go on
