@@ -18,6 +18,7 @@ from tui import cli_args
 from tui.config import AgentConfig
 from tui.credentials import ENV_VARS
 from tui.decision import KEEP_RULES
+from tui.executor import EXECUTORS
 from tui.llm import DEFAULT_MODELS, PROVIDERS
 from tui.prompt import SCOPES
 from tui.sandbox import INSTALL, SANDBOXES
@@ -117,6 +118,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"where the LLM-written training code runs: auto = bubblewrap on Linux ({INSTALL}), "
                             f"sandbox-exec on macOS, else none with a warning; bwrap / sandbox-exec = that one or "
                             f"refuse to start; none = no sandbox (default: {d['sandbox']})")
+    agent.add_argument("--executor", choices=EXECUTORS, default=d["executor"],
+                       help=f"where experiments run: local = this machine; ray = one Ray task each on the Ray cluster "
+                            f"at --ray-address (needs `uv sync --extra ray`) (default: {d['executor']})")
+    agent.add_argument("--ray-address", default=d["ray_address"], metavar="auto|HOST:PORT",
+                       help=f"with --executor ray: the cluster (auto = the one `ray start --head` started here, or "
+                            f"RAY_ADDRESS) (default: {d['ray_address']})")
+    agent.add_argument("--ray-resources", type=cli_args.resources, default=d["ray_resources"], metavar="JSON",
+                       help="with --executor ray: what each experiment asks of a node, e.g. '{\"GPU\": 1}' or "
+                            "'{\"CPU\": 8}' (default: one GPU when the cluster has GPUs, else one CPU)")
 
     noise = p.add_argument_group("noise floor and keep rule (agent)")
     noise.add_argument("--keep-rule", choices=KEEP_RULES, default=d["keep_rule"],
@@ -199,7 +209,8 @@ def agent_config(args):
     kwargs = dict(repo=args.repo, provider=args.provider, model=args.model, base_url=args.base_url, scope=args.scope,
                   timeout=args.timeout, script=args.script, results=args.results, seed=args.seed,
                   keep_rule=args.keep_rule, noise_runs=args.noise_runs, confirm_runs=args.confirm_runs,
-                  remeasure_noise=args.remeasure_noise, plateau=args.plateau, sandbox=args.sandbox)
+                  remeasure_noise=args.remeasure_noise, plateau=args.plateau, sandbox=args.sandbox,
+                  executor=args.executor, ray_address=args.ray_address, ray_resources=args.ray_resources)
     if args.tag:
         kwargs["tag"] = args.tag
     if args.max:
@@ -208,7 +219,8 @@ def agent_config(args):
 
 
 AGENT_ONLY = ("max", "model", "base_url", "timeout", "script", "seed", "keep_rule", "noise_runs", "confirm_runs",
-              "remeasure_noise", "plateau", "sandbox")  # options with no meaning outside --agent
+              "remeasure_noise", "plateau", "sandbox", "executor", "ray_address",
+              "ray_resources")  # options with no meaning outside --agent
 
 
 def _single_script(args) -> str:

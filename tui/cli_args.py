@@ -2,7 +2,9 @@
 error (exit 2) with a one-line reason instead of a traceback."""
 
 import argparse
+import json
 
+from tui.config import valid_resources
 from tui.git_repo import validate_tag
 
 
@@ -42,3 +44,14 @@ def tag(text: str) -> str:
         return validate_tag(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e).replace("invalid --tag ", "invalid tag ")) from None
+
+
+def resources(text: str) -> dict:
+    """A Ray resource request as `ray start --resources` takes it: a JSON object of positive amounts."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not valid_resources(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a JSON object of positive amounts, e.g. '{{\"GPU\": 1}}'")
+    return value

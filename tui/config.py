@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from tui.decision import CONFIRM_RUNS, KEEP_RULES, NOISE_RUNS, PLATEAU
+from tui.executor import EXECUTORS
 from tui.git_repo import validate_tag
 from tui.llm import PROVIDERS
 from tui.prompt import SCOPES
@@ -52,6 +53,13 @@ def default_allowance(time_budget: float) -> float:
 def default_timeout(time_budget: float) -> float:
     """Budget plus a generous allowance for startup, compilation and evaluation."""
     return time_budget + max(300.0, time_budget)
+
+
+def valid_resources(value) -> bool:
+    """A Ray resource request: a non-empty {name: positive amount}."""
+    return isinstance(value, dict) and bool(value) and all(
+        isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+        for k, v in value.items())
 
 
 @dataclass
@@ -98,6 +106,12 @@ class AgentConfig:
     # where training runs (tui.sandbox): "auto" = bubblewrap on Linux, sandbox-exec on macOS, or none with a loud
     # warning; "bwrap" / "sandbox-exec" = that one or refuse to start; "none" = no sandbox
     sandbox: str = "auto"
+    # who carries out the runs (tui.executor.make_executor): "local" = this machine; "ray" = tasks on the Ray cluster at
+    # ray_address ("auto": the one started here, or RAY_ADDRESS), each asking for ray_resources (None: one GPU when the
+    # cluster has GPUs, else one CPU)
+    executor: str = "local"
+    ray_address: str = "auto"
+    ray_resources: dict | None = None
 
     def resolved(self) -> "AgentConfig":
         """A copy with every default filled in and every value checked; raises ConfigError with one line."""
@@ -127,6 +141,11 @@ class AgentConfig:
             raise ConfigError("--plateau must be 0 (off) or more")
         if self.sandbox not in SANDBOXES:
             raise ConfigError(f"unknown sandbox {self.sandbox!r}: choose one of {', '.join(SANDBOXES)}")
+        if self.executor not in EXECUTORS:
+            raise ConfigError(f"unknown executor {self.executor!r}: choose one of {', '.join(EXECUTORS)}")
+        if self.ray_resources is not None and not valid_resources(self.ray_resources):
+            raise ConfigError(f"--ray-resources must name resources with positive amounts, e.g. '{{\"GPU\": 1}}' "
+                              f"(got {self.ray_resources!r})")
         if self.timeout is not None and self.timeout <= 0:
             raise ConfigError("--timeout must be a positive number of seconds")
         budget = self.time_budget if self.time_budget is not None else read_time_budget(repo)

@@ -14,8 +14,6 @@ what the trainer printed.
 """
 
 import os
-import shutil
-import stat
 import sys
 import threading
 from dataclasses import dataclass, field
@@ -172,3 +170,16 @@ class LocalExecutor(Executor):
                                 f"the permissions, then start again") from None
         cache = self._caches.setdefault(spec.run_dir.parent, BytecodeCache(spec.run_dir.parent / PYCACHE))
         return LocalRun(spec, self.repo, self.kill_grace, self.sandbox, cache)
+
+
+EXECUTORS = ("local", "ray")
+
+
+def make_executor(cfg) -> Executor:
+    """The executor an AgentConfig (resolved) asks for. The Ray one imports ray only in prepare(), so a missing
+    extra is a one-line startup error, not an ImportError here."""
+    if cfg.executor == "ray":
+        from tui.ray_executor import RayExecutor
+        return RayExecutor(cfg.repo, cfg.ray_address, cfg.kill_grace, cfg.sandbox, resources=cfg.ray_resources)
+    return LocalExecutor(cfg.repo, cfg.kill_grace, cfg.sandbox)
+

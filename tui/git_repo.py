@@ -143,6 +143,13 @@ class GitRepo:
             raise GitError(f"git show {rev}:{path} failed: {p.stderr.decode(errors='replace').strip()}")
         return p.stdout
 
+    def archive(self, rev: str) -> bytes:
+        """A tar of the files tracked at `rev` (nothing untracked, ignored or uncommitted), e.g. for another node."""
+        p = self._git(["archive", "--format=tar", rev])
+        if p.returncode != 0:
+            raise GitError(f"git archive {rev} failed: {p.stderr.decode(errors='replace').strip()}")
+        return p.stdout
+
     def diff(self, rev: str, path: str | None = None) -> str:
         """The diff an experiment commit introduced (for the dashboard's diff view)."""
         return self.run("show", "--format=%h %s%n", rev, *(["--", path] if path else []))

@@ -25,7 +25,7 @@ from tui.config import AgentConfig
 from tui.controls import Controls, FatalError, SkipExperiment, StopRequested
 from tui.decision import DEFAULT_SEED, latest_measurement, make_keep_rule
 from tui.events import ExperimentInfo, ExperimentResult, ListenerGroup, State
-from tui.executor import ExecutorError, LocalExecutor, RunSpec, run_env
+from tui.executor import ExecutorError, RunSpec, make_executor, run_env
 from tui.git_repo import GitError, GitMoved, GitRepo
 from tui.llm import Interrupted, Usage, format_cost
 from tui.prompt import PromptContext
@@ -69,7 +69,7 @@ class Orchestrator:
         self.proposer = Proposer(self.cfg, self.controls, self.status, self._log, provider)
         self.keep_rule = keep_rule or make_keep_rule(self.cfg.keep_rule, noise_runs=self.cfg.noise_runs,
                                                      confirm_runs=self.cfg.confirm_runs, plateau=self.cfg.plateau)
-        self.executor = executor or LocalExecutor(self.cfg.repo, self.cfg.kill_grace, self.cfg.sandbox)
+        self.executor = executor or make_executor(self.cfg)
         self.git = GitRepo(self.cfg.repo)
         self.results = ResultsFile(self.cfg.results)
         self.inflight = InFlight(self.cfg.runs_dir, self.cfg.tag)

@@ -68,6 +68,8 @@ class RunOutcome:
     eval_seconds: float | None = None  # the sealed evaluation's process (tui.sealed), apart from `seconds`
     eval_error: str | None = None  # why the sealed evaluation gave no val_bpb
     cut: str | None = None  # why the engine ended the run itself (output limit, log not writable), None otherwise
+    worker: str | None = None  # where it ran when not here (e.g. "ray:<node id> (<ip>)"), None for a local run
+    note: str | None = None  # what happened on the way, e.g. attempts lost with their node (tui.ray_executor)
 
     @property
     def ok(self) -> bool:
