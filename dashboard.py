@@ -117,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"where the LLM-written training code runs: auto = bubblewrap on Linux ({INSTALL}), "
                             f"sandbox-exec on macOS, else none with a warning; bwrap / sandbox-exec = that one or "
                             f"refuse to start; none = no sandbox (default: {d['sandbox']})")
+    agent.add_argument("--workers", type=cli_args.positive_int, default=d["workers"], metavar="N",
+                       help="experiments that train at once on this machine; on a CPU they split the cores "
+                            f"(default: {d['workers']})")
+    agent.add_argument("--devices", default=None, metavar="LIST",
+                       help="one slot per device, e.g. cuda:0,cuda:1 (each run sees only its device); devices of "
+                            "one class only")
 
     noise = p.add_argument_group("noise floor and keep rule (agent)")
     noise.add_argument("--keep-rule", choices=KEEP_RULES, default=d["keep_rule"],
@@ -199,7 +205,8 @@ def agent_config(args):
     kwargs = dict(repo=args.repo, provider=args.provider, model=args.model, base_url=args.base_url, scope=args.scope,
                   timeout=args.timeout, script=args.script, results=args.results, seed=args.seed,
                   keep_rule=args.keep_rule, noise_runs=args.noise_runs, confirm_runs=args.confirm_runs,
-                  remeasure_noise=args.remeasure_noise, plateau=args.plateau, sandbox=args.sandbox)
+                  remeasure_noise=args.remeasure_noise, plateau=args.plateau, sandbox=args.sandbox,
+                  workers=args.workers, devices=args.devices or ())
     if args.tag:
         kwargs["tag"] = args.tag
     if args.max:
@@ -208,7 +215,7 @@ def agent_config(args):
 
 
 AGENT_ONLY = ("max", "model", "base_url", "timeout", "script", "seed", "keep_rule", "noise_runs", "confirm_runs",
-              "remeasure_noise", "plateau", "sandbox")  # options with no meaning outside --agent
+              "remeasure_noise", "plateau", "sandbox", "workers", "devices")  # options with no meaning outside --agent
 
 
 def _single_script(args) -> str:
