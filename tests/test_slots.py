@@ -5,17 +5,28 @@ separate hunks: two candidates that change one each merge cleanly; two that both
 val_bpb = 1 + 100 (lr - 0.02)^2 + 0.01 |depth - 6|: the baseline (lr 0.01, depth 4) is 1.03.
 """
 
+import dataclasses
+import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
-from fakes.agent import Recorder, file_answer, make_config
+from fakes.agent import TEST_KEY, Recorder, file_answer, make_config, wait_for
 from fakes.repo import FAKE_TRAIN, agent_repo, git
+from test_dashboard import screen_text, sync, until, until_exited
+from tui.app import DashboardApp
+from tui.credentials import is_child_hidden
+from tui.events import SlotView
 from tui.orchestrator import Orchestrator
 from tui.results import ResultsFile, summarize
 
 BRANCH = "autoresearch/t1"
+DASHBOARD = Path(__file__).resolve().parent.parent / "dashboard.py"
 SOURCE = (FAKE_TRAIN.read_text().replace("DEPTH = 4\n", "")
           .replace("STEPS = 5\n", "STEPS = 5\n# the model\nDEPTH = 4\n").replace("STEP_SLEEP = 0.0", "STEP_SLEEP = 0.1"))
 SLOW_LR = file_answer([("LEARNING_RATE = 0.01", "LEARNING_RATE = 0.02"), ("STEPS = 5", "STEPS = 25")],
@@ -105,3 +116,134 @@ def test_a_win_that_no_longer_applies_on_the_new_best_is_discarded_with_the_reas
     assert "no longer applies on the new best" in r[1].notes
     assert subjects(repo)[:2] == ["exp2: lr 0.015", "initial"]
     assert "LEARNING_RATE = 0.015" in (repo / "train.py").read_text()
+
+
+# ---------------------------------------------------------------------------
+# kill -9 with two experiments in flight, then the same command again
+# ---------------------------------------------------------------------------
+
+GATE = ('STEP_SLEEP = 0.1', 'STEP_SLEEP = 0.1\nSLOW_GATE = "inflight"')  # slow while runs/inflight exists
+
+
+def headless(repo, server, *extra):
+    """dashboard.py --agent --headless --workers 2 as a real process (stdout and stderr together)."""
+    env = {k: v for k, v in os.environ.items() if not is_child_hidden(k)}
+    env.update(PYTHONUNBUFFERED="1", ANTHROPIC_API_KEY=TEST_KEY, AUTORESEARCH_FAKE_GATES=str(repo / "runs"))
+    args = ["--agent", "--headless", "--tag", "t1", "--model", "claude-sonnet-4-6", "--base-url", server.base_url,
+            "--script", "train.py", "--timeout", "60", "--keep-rule", "single", "--noise-runs", "1", "--scope",
+            "file", "--sandbox", "none", "--workers", "2", "--max", "3", *extra]
+    return subprocess.Popen([sys.executable, str(DASHBOARD), *args], cwd=repo, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def alive(pid):
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def lock_pids(repo):
+    try:
+        return [pid for pid, _ in json.loads((repo / ".agent.lock").read_text()).get("training_pids") or []]
+    except (OSError, ValueError):
+        return []
+
+
+def stepping(repo, exp):
+    log = repo / "runs" / f"exp{exp}.log"
+    return log.exists() and "step 00001" in log.read_text(errors="replace")
+
+
+def test_kill_9_with_two_in_flight_then_resume_requeues_both_and_records_each_once(repo, server):
+    (repo / "runs").mkdir()
+    (repo / "runs" / "inflight").write_text("")
+    server.push(server.text(file_answer([("LEARNING_RATE = 0.01", "LEARNING_RATE = 0.02"), GATE],
+                                        description="lr 0.02")),
+                server.text(file_answer([("LEARNING_RATE = 0.01", "LEARNING_RATE = 0.005"), GATE],
+                                        description="lr 0.005")))
+    p = headless(repo, server)
+    try:
+        wait_for(lambda: stepping(repo, 1) and stepping(repo, 2) and len(lock_pids(repo)) == 2)
+        orphans = lock_pids(repo)
+        # .runner_status.json carries every slot
+        wait_for(lambda: [v["exp"] for v in json.loads((repo / ".runner_status.json").read_text())["slots"]]
+                 == [1, 2])
+        p.kill()  # SIGKILL: no cleanup at all
+        first, _ = p.communicate(timeout=10)
+    finally:
+        p.kill()
+    assert "[slot 1]" in first and "[slot 2]" in first
+    assert all(psutil.pid_exists(pid) for pid in orphans)  # the trainers outlived their agent
+    assert [(x.exp, x.status) for x in rows(repo)] == [(0, "keep")]
+    assert sorted(m.name for m in (repo / "runs").glob("pending-*")) == ["pending-t1-exp1.json",
+                                                                        "pending-t1-exp2.json"]
+    assert subjects(repo) == ["initial"]  # the branch never held a candidate in flight
+    calls = len(server.chat_requests())
+
+    (repo / "runs" / "inflight").unlink()
+    p = headless(repo, server)
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == 0, out
+    assert "re-queued exp1 (0 runs done), exp2 (0 runs done), no new LLM call" in out
+    wait_for(lambda: not any(alive(pid) for pid in orphans), timeout=10)
+    assert len(server.chat_requests()) == calls  # nothing was proposed twice
+    assert sorted((x.exp, x.status, x.run) for x in rows(repo)) == [(0, "keep", 0), (1, "keep", 0),
+                                                                      (2, "discard", 0)]
+    assert subjects(repo) == ["exp1: lr 0.02", "initial"]
+    assert rev(repo, BRANCH) == rev(repo, "refs/autoresearch/t1/exp1")
+    assert subjects(repo, "refs/autoresearch/t1/exp2")[0] == "exp2: lr 0.005"
+    assert not list((repo / "runs").glob("pending-*"))
+    assert git(repo, "status", "--porcelain", "--untracked-files=no").strip() == ""
+
+
+# ---------------------------------------------------------------------------
+# The dashboard: the slots panel, n selects a slot, s stops its run, q stops them all
+# ---------------------------------------------------------------------------
+
+
+@sync
+async def test_dashboard_slots_panel_stop_the_selected_slot_then_quit_all(repo, server, monkeypatch):
+    monkeypatch.setenv("AUTORESEARCH_FAKE_GATES", str(repo / "runs"))
+    (repo / "runs").mkdir()
+    (repo / "runs" / "inflight").write_text("")
+    server.push(server.text(file_answer([("LEARNING_RATE = 0.01", "LEARNING_RATE = 0.02"), GATE],
+                                        description="lr 0.02")),
+                server.text(file_answer([("DEPTH = 4", "DEPTH = 5"), GATE], description="depth 5")))
+    cfg = make_config(repo, server, scope="file", workers=2, max_experiments=3, sandbox="none")
+    app = DashboardApp("agent", agent_config=cfg, clock=lambda: "12:00:00")
+    async with app.run_test(size=(120, 44)) as pilot:
+        screen = app.dashboard
+        both = lambda: [v.exp for v in screen.slot_views] == [1, 2] and all(v.pct > 0 for v in screen.slot_views)  # noqa: E731
+        await until(pilot, both, what="both slots training", timeout=45.0)
+        text = screen_text(app)
+        assert "slot 1 cpu" in text and "slot 2 cpu" in text and "lr 0.02" in text and "depth 5" in text
+        assert screen.training.title.startswith("[slot 1] exp1")  # the panel follows slot 1
+        await pilot.press("n")
+        assert screen.selected_slot == 2 and screen.training.title.startswith("slot 2 · exp2")
+        await pilot.press("s")
+        await until(pilot, lambda: [(r.exp, r.status) for r in rows(repo)] == [(0, "keep"), (2, "skip")],
+                    what="slot 2's run stopped and recorded as a skip")
+        assert screen.slot_views[0].exp == 1  # slot 1 trains on
+        await pilot.press("q")
+        await until_exited(app, timeout=30.0)
+    assert [(r.exp, r.status) for r in rows(repo)] == [(0, "keep"), (2, "skip")]  # exp1 was aborted: no row
+    assert not list((repo / "runs").glob("pending-*"))
+
+
+@sync
+async def test_watch_shows_every_slot_of_a_running_headless_agent(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    ResultsFile(repo / "results.tsv").ensure()
+    slots = [SlotView(1, "slot 1 cuda:0", 7, 0, "lr 0.02", 40.0, 12345.0, "training"),
+             SlotView(2, "slot 2 cuda:1", 8, 1, "depth 5", 75.0, 11111.0, "training")]
+    (repo / ".runner_status.json").write_text(json.dumps({
+        "pid": os.getpid(), "alive": True, "state": "training", "message": "[slot 2] exp8", "tag": "t1",
+        "slots": [dataclasses.asdict(v) for v in slots]}))
+    app = DashboardApp("watch", repo=repo, clock=lambda: "12:00:00", poll_seconds=0.2, memory=False)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await until(pilot, lambda: "slot 2 cuda:1" in screen_text(app), what="the slots panel", timeout=10.0)
+        text = screen_text(app)
+        assert "exp7" in text and "exp8 r1" in text and "12,345 tok/s" in text and "75.0%" in text
+        await pilot.press("q")

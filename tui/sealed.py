@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from tui.parser import SEALED_PREFIX, ParsedLine
-from tui.training_run import IS_WINDOWS, POLL_SECONDS, RunOutcome, kill_process_group
+from tui.training_run import IS_WINDOWS, LEADERS, POLL_SECONDS, RunOutcome, kill_process_group
 
 EVALUATOR = "prepare.py"
 PYCACHE = ".pycache"  # beside the run directories: written by evaluators only
@@ -71,6 +71,8 @@ class Evaluator:
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
         except OSError as e:
             return f"sealed evaluation impossible: cannot start {spec.python}: {e}"
+        # in a session of its own like a run's leader: another slot's sweep must not take it for a run's orphan
+        LEADERS.add(proc.pid)
         data, why = self.source, None
         try:
             while True:
@@ -96,6 +98,7 @@ class Evaluator:
                     os.killpg(proc.pid, signal.SIGKILL)
                 except (ProcessLookupError, PermissionError):
                     pass
+            LEADERS.discard(proc.pid)
         seconds = time.monotonic() - t0
         if why:
             return why

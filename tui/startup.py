@@ -202,9 +202,9 @@ def _foreign_changes(cfg: AgentConfig, git: GitRepo, script: str) -> list:
 def _kill_leftover_trainer(previous: dict, grace: float, log) -> None:
     """A killed agent may have left its training process groups running (training_pids with several slots): end
     them before training again."""
-    leftovers = [(previous.get("training_pid"), previous.get("training_create_time"))]
-    leftovers += [tuple(p) for p in previous.get("training_pids") or []]
-    for pid, created in leftovers:
+    leftovers = dict([(previous.get("training_pid"), previous.get("training_create_time")),
+                      *(tuple(p) for p in previous.get("training_pids") or [])])
+    for pid, created in leftovers.items():
         if pid:
             _kill_leftover(pid, created, grace, log)
 
