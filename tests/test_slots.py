@@ -17,8 +17,10 @@ import psutil
 import pytest
 
 from fakes.agent import TEST_KEY, Recorder, file_answer, make_config, wait_for
-from fakes.repo import FAKE_TRAIN, agent_repo, git
+from fakes.repo import FAKE_TRAIN, agent_repo, git, project_repo
+from test_agent_cli import alive
 from test_dashboard import screen_text, sync, until, until_exited
+from trainer_fixtures import TINY_MODEL, edit_hparams, tiny_dataset  # noqa: F401  (tiny_dataset is a fixture)
 from tui.app import DashboardApp
 from tui.credentials import is_child_hidden
 from tui.events import SlotView
@@ -136,13 +138,6 @@ def headless(repo, server, *extra):
                             stderr=subprocess.STDOUT, text=True)
 
 
-def alive(pid):
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
 def lock_pids(repo):
     try:
         return [pid for pid, _ in json.loads((repo / ".agent.lock").read_text()).get("training_pids") or []]
@@ -247,3 +242,36 @@ async def test_watch_shows_every_slot_of_a_running_headless_agent(tmp_path):
         text = screen_text(app)
         assert "exp7" in text and "exp8 r1" in text and "12,345 tok/s" in text and "75.0%" in text
         await pilot.press("q")
+
+
+# ---------------------------------------------------------------------------
+# The real trainer on two CPU slots
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow  # four real training runs of 2 s, two at a time, with their sealed evaluations: ~2-4 min
+def test_real_trainer_on_two_cpu_slots(tiny_dataset, tmp_path, server, monkeypatch):
+    for name, value in {**tiny_dataset, "AUTORESEARCH_BACKEND": "cpu"}.items():
+        monkeypatch.setenv(name, value)
+    repo = project_repo(tmp_path / "repo")
+    (repo / "train.py").write_text(edit_hparams((repo / "train.py").read_text(), **TINY_MODEL))
+    git(repo, "commit", "-qam", "a tiny model")
+    server.push(server.text(file_answer([("MATRIX_LR = 0.04", "MATRIX_LR = 0.06")], description="matrix lr 0.06")),
+                server.text(file_answer([("WARMDOWN_RATIO = 0.5", "WARMDOWN_RATIO = 0.7")], description="warmdown")),
+                server.text(file_answer([("EMBEDDING_LR = 0.6", "EMBEDDING_LR = 0.3")], description="embedding lr")))
+    rec = Timeline()
+    config = make_config(repo, server, max_experiments=4, scope="file", dataset="tiny", time_budget=2.0,
+                         timeout=900.0, budget_allowance=900.0, python=sys.executable, workers=2)
+    summary = Orchestrator(config, [rec]).run()
+    assert summary.ok, summary.reason
+    r = rows(repo)
+    assert {x.exp for x in r} == {0, 1, 2, 3} and all(x.status in ("keep", "discard") for x in r)
+    assert rec.starts[2] < rec.ends[1] and rec.starts[1] < rec.ends[2]  # both slots at once
+    assert {x.worker for x in r if x.exp} == {"slot 1 cpu", "slot 2 cpu"}
+    assert "1 threads" in (repo / "runs" / "exp1.log").read_text()  # each run had its share of the 2 cores
+    # the branch holds exactly the kept candidates, each on the best of its time
+    kept = [x for x in r if x.status == "keep" and x.exp and x.kind != "superseded"]
+    assert len(subjects(repo)) == 2 + len({x.exp for x in kept})
+    s = summarize(r)
+    assert rev(repo, BRANCH)[:7] == next(x.commit for x in reversed(r) if x.exp == s.best_exp)
+    assert git(repo, "status", "--porcelain", "--untracked-files=no").strip() == ""

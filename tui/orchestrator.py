@@ -319,12 +319,14 @@ class Orchestrator:
         return log
 
     def _finish_run(self, trial: Trial, run: int, seed, outcome, kind: str = "", usage: Usage | None = None,
-                    worker: str = "", tree: str | None = None) -> tuple:
-        """Judge a finished run and add its row to the trial: (status, notes, outcome) as _start. tree: the commit
-        the work tree must hold (the run's own commit with a single slot, the best with several)."""
+                    worker: str = "", touched: list | None = None) -> tuple:
+        """Judge a finished run and add its row to the trial: (status, notes, outcome) as _start. touched: what the
+        integrity check (_check_runs) found, when the caller ran it for several runs at once."""
         self.status.set(State.EVALUATING, f"exp{trial.exp}: evaluating")
-        status, notes = judge(outcome, self._after_run(trial, run, outcome, tree or trial.commit),
-                              self.cfg.time_budget, self.cfg.budget_allowance)
+        self._redact_run(outcome)
+        if touched is None:
+            touched = self._check_runs(trial.commit, _run_label(trial, run))
+        status, notes = judge(outcome, touched, self.cfg.time_budget, self.cfg.budget_allowance)
         if status is None and outcome.returncode not in (0, None):
             self._log(f"the trainer exited with code {outcome.returncode} after printing its summary", "warning")
         if status == "skip":
@@ -336,13 +338,16 @@ class Orchestrator:
         trial.add(row.redacted(self.redact), outcome.final.val_bpb if status is None else None, seed)
         return status, notes, outcome
 
-    def _after_run(self, trial: Trial, run: int, outcome, tree: str) -> list:
-        """Before anything is judged, committed or sent: repair what the run changed (tui.integrity) and take every
-        known secret out of its log file and of the crash tail. Returns what the run changed (then it is a crash)."""
+    def _redact_run(self, outcome) -> None:
+        """Before anything is judged, committed or sent: every known secret out of the run's log and crash tail."""
         if outcome.log_path is not None:
             self.redact.redact_file(outcome.log_path)
         outcome.tail = [self.redact(line) for line in outcome.tail]
-        label = f"exp{trial.exp}" + (f"-run{run}" if run else "")
+
+    def _check_runs(self, tree: str, label: str) -> list:
+        """Before anything is judged: repair what the runs that just ended changed (tui.integrity; `tree`: the commit
+        the work tree must hold, `label`: which runs, for the quarantine and the log). Returns what was changed (the
+        runs are then crashes)."""
         repair = self.session.integrity.verify_and_repair(tree, label)  # GitMoved: the user moved the branch
         if repair.touched:
             saved = f"; what it left is saved in {repair.quarantine}" if repair.quarantine else ""
@@ -646,3 +651,6 @@ class Orchestrator:
                       f"{format_cost(self.usage.cost_usd)}")
         self.status.set(State.STOPPED if ok else State.FAILED, reason)
 
+
+def _run_label(trial: Trial, run: int) -> str:
+    return f"exp{trial.exp}" + (f"-run{run}" if run else "")

@@ -1,8 +1,11 @@
 """Several experiments at once (--workers N or --devices LIST, N > 1): the loop that keeps every slot busy.
 
-    a slot is free -> a run waiting (a confirmation, a re-applied candidate, a noise-floor run)?  start it
-                   -> otherwise ask the LLM for the next candidate (one call at a time; the prompt lists the
-                      experiments in flight), commit it beside the branch on top of the best, start its first run
+    a slot is free -> a run waiting? start the first by priority: a confirmation or a re-applied candidate, then a
+                      noise-floor run, then a new candidate
+    the LLM        -> is asked for the next candidate whenever none is waiting (one call at a time; the prompt lists
+                      the experiments in flight), also while every slot is busy: the next candidate is ready when a
+                      slot frees, instead of the slot idling for an LLM call. It is committed beside the branch on top
+                      of the best of the time it was proposed.
     exp0 (the baseline) runs first and alone; its noise-floor runs then start side by side, and no new candidate is
     proposed until the reference is measured (the keep rule decides with that noise floor).
 
@@ -37,11 +40,12 @@ from tui.lock import process_create_time
 from tui.results import SUPERSEDED, summarize
 from tui.trial import InFlight, Trial
 
+MORE_RUNS, NOISE, NEW = 0, 1, 2  # Job.priority: a promising candidate's runs, the reference's noise floor, a new one
 POLL_SECONDS = 0.2  # how often the loop looks at the commands while nothing is posted
 VIEW_EVERY_PCT = 1.0  # on_slots while a run trains: at most once per this much progress of one slot
 
 
-@dataclass
+@dataclass(eq=False)
 class Job:
     """One run to start: run `run` of the trial's commit."""
     trial: Trial
@@ -53,6 +57,7 @@ class Job:
     reasoning: str | None = None
     usage: Usage | None = None
     noise: tuple | None = None  # (NoisePlan, i): noise-floor run i of the plan
+    priority: int = 2  # which waiting run takes a free slot first (lowest): MORE_RUNS, NOISE, NEW
 
 
 class Slot:
@@ -96,7 +101,7 @@ class SlotLoop:
         self.o = orch
         self.slots = [Slot(p) for p in plan_slots(orch.cfg.workers, orch.cfg.devices)]
         self.queue: queue.Queue = queue.Queue()
-        self.waiting: list = []  # Jobs, oldest first
+        self.waiting: list = []  # Jobs by priority, then oldest first (_queue)
         self.trials: dict = {}  # exp -> Trial: candidates in flight, not recorded yet
         self.noise_left = 0  # noise-floor runs waiting or training
         self.thinking: int | None = None  # the experiment the LLM is being asked for
@@ -150,20 +155,33 @@ class SlotLoop:
         return self.thinking is None and not any(s.job for s in self.slots) and not self._startable()
 
     def _startable(self) -> list:
+        """The waiting runs that may start now, by priority. A stop drops the runs it does not finish (noise-floor
+        runs, new candidates: they run again next time); a pause holds new candidates back."""
         c = self.o.controls
         if c.abort_flag.is_set():
             return []
-        if c.stop_flag.is_set() and any(j.noise for j in self.waiting):
-            self.waiting = [j for j in self.waiting if not j.noise]
+        if c.stop_flag.is_set() and any(j.priority >= NOISE for j in self.waiting):
+            dropped = [j for j in self.waiting if j.priority >= NOISE]
+            self.waiting = [j for j in self.waiting if j.priority < NOISE]
             self.noise_left = sum(1 for s in self.slots if s.job and s.job.noise)
-            self.o._log("noise floor: stopped before all its runs; the next start completes it")
+            if any(j.noise for j in dropped):
+                self.o._log("noise floor: stopped before all its runs; the next start completes it")
+            for j in dropped:
+                if not j.noise:
+                    self.trials.pop(j.trial.exp, None)
+                    InFlight(self.o.cfg.runs_dir, self.o.cfg.tag, j.trial.exp).drop()
+        if c.pause_flag.is_set():
+            return [j for j in self.waiting if j.priority == MORE_RUNS]
         return self.waiting
 
     def _fill(self) -> None:
         for slot in self.slots:
-            if slot.job is None and self._startable():
-                self._start(slot, self.waiting.pop(0))
-        if any(s.job is None for s in self.slots) and self.thinking is None and self._may_propose():
+            ready = self._startable() if slot.job is None else []
+            if ready:
+                job = ready[0]
+                self.waiting.remove(job)
+                self._start(slot, job)
+        if self.thinking is None and self._may_propose():
             self._propose()
 
     def _may_propose(self) -> bool:
@@ -175,7 +193,7 @@ class SlotLoop:
         c.resume_now.clear()
         self._paused_shown = False
         # the reference first: the baseline and its noise floor are what every candidate is judged against
-        return self.noise_left == 0 and 0 not in self.trials and not self.waiting
+        return self.noise_left == 0 and 0 not in self.trials and not any(j.priority >= NOISE for j in self.waiting)
 
     def _handle(self, item) -> None:
         kind = item[0]
@@ -184,7 +202,7 @@ class SlotLoop:
         elif kind == "line":
             self._on_line(*item[1:])
         elif kind == "done":
-            self._on_done(*item[1:])
+            self._on_done([item])
         elif kind == "proposal":
             self._on_proposal(*item[1:])
         elif kind == "error":  # a bug in a run's thread: the loop ends as on any bug of ours
@@ -198,8 +216,7 @@ class SlotLoop:
         if n == 0:
             trial = Trial(0, o.git.head(), "baseline", f"the unmodified {o.script}", baseline=True)
             self.trials[0] = trial
-            self.waiting.append(Job(trial, 0, o.cfg.seed, f"exp0: training the unmodified {o.script}",
-                                    State.BASELINE))
+            self._queue(Job(trial, 0, o.cfg.seed, f"exp0: training the unmodified {o.script}", State.BASELINE))
             return
         self.thinking = n
         note = o.keep_rule.status_note(o.rows)
@@ -249,7 +266,7 @@ class SlotLoop:
         trial = Trial(n, sha, desc, reasoning, parent=parent)
         self.trials[n] = trial
         self._save(trial)
-        self.waiting.append(Job(trial, 0, o.cfg.seed, f"exp{n}: {desc}", usage=usage))
+        self._queue(Job(trial, 0, o.cfg.seed, f"exp{n}: {desc}", usage=usage))
 
     def _resume(self, trial: Trial) -> None:
         """An experiment a killed agent had in flight: judged with the runs it has, or its run started again."""
@@ -258,8 +275,7 @@ class SlotLoop:
         if trial.values:
             self._judge(trial, None, "", None, 0)
         else:
-            self.waiting.append(Job(trial, len(trial.rows), self.o.cfg.seed,
-                                    f"exp{trial.exp}: {trial.description} (resumed)"))
+            self._queue(Job(trial, len(trial.rows), self.o.cfg.seed, f"exp{trial.exp}: {trial.description} (resumed)"))
 
     # -- runs -----------------------------------------------------------------------------------------------------
 
@@ -297,15 +313,36 @@ class SlotLoop:
             slot.shown_pct = pl.step.pct_done
             self._views()
 
-    def _on_done(self, slot_id: int, outcome) -> None:
-        o = self.o
-        slot = self.slots[slot_id - 1]
-        job, slot.job, slot.handle = slot.job, None, None
+    def _on_done(self, done: list) -> None:
+        """Runs that ended ("done" items): the ones that ended meanwhile join them, so that one integrity check (a
+        scan of site-packages: the loop's largest cost per run) covers them all; with runs side by side a change can
+        not be told apart by run anyway. Then each is judged. What else was posted is handled in its order (a run's
+        lines come before its "done")."""
+        while True:
+            try:
+                item = self.queue.get_nowait()
+            except queue.Empty:
+                break
+            if item[0] == "done":
+                done.append(item)
+            else:
+                self._handle(item)
+        finished = []
+        for _, slot_id, outcome in done:
+            slot = self.slots[slot_id - 1]
+            finished.append((slot, slot.job, outcome))
+            slot.job, slot.handle = None, None
         self._pids()
         self._views()
-        t = job.trial
+        label = "+".join(f"exp{j.trial.exp}" + (f"-run{j.run}" if j.run else "") for _, j, _ in finished)
+        touched = self.o._check_runs(self.o.session.workspace.head, label)
+        for slot, job, outcome in finished:
+            self._judge_run(slot, job, outcome, touched)
+
+    def _judge_run(self, slot: Slot, job: Job, outcome, touched: list) -> None:
+        o, slot_id, t = self.o, slot.id, job.trial
         status, notes, outcome = o._finish_run(t, job.run, job.seed, outcome, job.kind, job.usage, slot.plan.worker,
-                                               tree=o.session.workspace.head)
+                                               touched=touched)
         if job.noise:
             plan, i = job.noise
             self.noise_left -= 1
@@ -336,9 +373,9 @@ class SlotLoop:
                 o._log(f"exp{n}: {verdict.reason}")
                 most = getattr(o.keep_rule, "confirm_runs", None)
                 run = len(trial.rows)
-                self.waiting.insert(sum(1 for j in self.waiting if not j.noise), Job(
+                self._queue(Job(
                     trial, run, verdict.seed, f"exp{n}: confirmation run {run}" + (f"/{most}" if most else "")
-                    + f" (seed {verdict.seed})", reasoning=""))
+                    + f" (seed {verdict.seed})", reasoning="", priority=MORE_RUNS))
                 return
             else:
                 status, notes = verdict.action, verdict.reason
@@ -382,8 +419,8 @@ class SlotLoop:
         o._log(f"exp{n} looks better, but it was measured on {old[:7]} and the best is now {best[:7]}: re-applied on "
                f"it as {new[:7]}, measuring it there")
         run = len(trial.rows)
-        self.waiting.insert(0, Job(trial, run, o.cfg.seed, f"exp{n}: re-applied on {best[:7]}, run {run}",
-                                   reasoning=""))
+        self._queue(Job(trial, run, o.cfg.seed, f"exp{n}: re-applied on {best[:7]}, run {run}", reasoning="",
+                        priority=MORE_RUNS))
         return True
 
     def _queue_noise(self, count: int, fresh: bool = False) -> None:
@@ -393,9 +430,13 @@ class SlotLoop:
             return
         for i in range(count):
             run, seed, label = plan.run(i)
-            self.waiting.append(Job(plan.trial, run, seed, f"exp{plan.exp}: {label} (seed {seed})", plan.state,
-                                    kind="noise", reasoning=label, noise=(plan, i)))
+            self._queue(Job(plan.trial, run, seed, f"exp{plan.exp}: {label} (seed {seed})", plan.state,
+                            kind="noise", reasoning=label, noise=(plan, i), priority=NOISE))
         self.noise_left = count
+
+    def _queue(self, job: Job) -> None:
+        at = next((i for i, j in enumerate(self.waiting) if j.priority > job.priority), len(self.waiting))
+        self.waiting.insert(at, job)
 
     def _save(self, trial: Trial) -> None:
         try:
