@@ -22,7 +22,9 @@ from test_agent_cli import alive
 from test_dashboard import screen_text, sync, until, until_exited
 from trainer_fixtures import TINY_MODEL, edit_hparams, tiny_dataset  # noqa: F401  (tiny_dataset is a fixture)
 from tui.app import DashboardApp
+from tui.config import AgentConfig, ConfigError
 from tui.credentials import is_child_hidden
+from tui.devices import plan_slots
 from tui.events import SlotView
 from tui.orchestrator import Orchestrator
 from tui.results import ResultsFile, summarize
@@ -265,7 +267,8 @@ def test_real_trainer_on_two_cpu_slots(tiny_dataset, tmp_path, server, monkeypat
     summary = Orchestrator(config, [rec]).run()
     assert summary.ok, summary.reason
     r = rows(repo)
-    assert {x.exp for x in r} == {0, 1, 2, 3} and all(x.status in ("keep", "discard") for x in r)
+    assert {x.exp for x in r} == {0, 1, 2, 3}
+    assert all(x.status in ("keep", "discard") for x in r), [(x.label, x.status, x.notes) for x in r]
     assert rec.starts[2] < rec.ends[1] and rec.starts[1] < rec.ends[2]  # both slots at once
     assert {x.worker for x in r if x.exp} == {"slot 1 cpu", "slot 2 cpu"}
     assert "1 threads" in (repo / "runs" / "exp1.log").read_text()  # each run had its share of the 2 cores
@@ -275,3 +278,15 @@ def test_real_trainer_on_two_cpu_slots(tiny_dataset, tmp_path, server, monkeypat
     s = summarize(r)
     assert rev(repo, BRANCH)[:7] == next(x.commit for x in reversed(r) if x.exp == s.best_exp)
     assert git(repo, "status", "--porcelain", "--untracked-files=no").strip() == ""
+
+
+def test_slots_use_one_device_class_and_split_the_cores(tmp_path):
+    with pytest.raises(ConfigError, match=r"mixes device classes: cuda:0 \(cuda\), mps \(mps\)"):
+        AgentConfig(repo=tmp_path, devices="cuda:0,mps").resolved()
+    with pytest.raises(ConfigError, match="--workers 3 but --devices names 2"):
+        AgentConfig(repo=tmp_path, workers=3, devices="cuda:0,cuda:1").resolved()
+    assert AgentConfig(repo=tmp_path, devices="cuda:0, cuda:1").resolved().workers == 2
+    assert [p.env for p in plan_slots(2, ("cuda:0", "cuda:1"))] == [{"CUDA_VISIBLE_DEVICES": "0"},
+                                                                    {"CUDA_VISIBLE_DEVICES": "1"}]
+    assert {p.env["OMP_NUM_THREADS"] for p in plan_slots(4, (), cpu_count=8)} == {"2"}
+    assert plan_slots(1, ())[0].env == {}  # one slot: the run's environment is as it always was

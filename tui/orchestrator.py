@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from tui.config import AgentConfig
 from tui.controls import Controls, FatalError, SkipExperiment, StopRequested
 from tui.decision import DEFAULT_SEED, latest_measurement, make_keep_rule
+from tui.devices import plan_slots
 from tui.events import ExperimentInfo, ExperimentResult, ListenerGroup, State
 from tui.executor import ExecutorError, LocalExecutor, RunSpec, run_env
 from tui.git_repo import GitError, GitMoved, GitRepo
@@ -108,6 +109,7 @@ class Orchestrator:
         self._last_note = ""
         self._lock_held = False
         self.slots = SlotLoop(self) if self.cfg.workers > 1 else None
+        self._device_env = plan_slots(1, self.cfg.devices)[0].env  # one slot: --devices cuda:3 still pins the run
 
     # -- commands (any thread) and what the screen reads ------------------------------------------------------
 
@@ -369,7 +371,7 @@ class Orchestrator:
                        label=f"exp{trial.exp}" + (f" r{run}" if run else ""))
 
     def _train(self, trial: Trial, run: int, seed, log):
-        spec = self._spec(trial, run, seed, log)
+        spec = self._spec(trial, run, seed, log, self._device_env)
         try:
             handle = self.executor.submit(spec)
         except ExecutorError as e:

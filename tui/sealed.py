@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from tui.parser import SEALED_PREFIX, ParsedLine
-from tui.training_run import IS_WINDOWS, LEADERS, POLL_SECONDS, RunOutcome, kill_process_group
+from tui.training_run import IS_WINDOWS, LEADERS, POLL_SECONDS, RunOutcome, kill_process_group, spawn_leader
 
 EVALUATOR = "prepare.py"
 PYCACHE = ".pycache"  # beside the run directories: written by evaluators only
@@ -67,12 +67,11 @@ class Evaluator:
         kwargs = {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP} if IS_WINDOWS else {"start_new_session": True}
         t0 = time.monotonic()
         try:
-            proc = subprocess.Popen(self.argv(spec), cwd=self.repo, env=spec.env, stdin=subprocess.PIPE,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
+            # in a session of its own like a run's leader: another slot's sweep must not take it for an orphan
+            proc = spawn_leader(self.argv(spec), cwd=self.repo, env=spec.env, stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
         except OSError as e:
             return f"sealed evaluation impossible: cannot start {spec.python}: {e}"
-        # in a session of its own like a run's leader: another slot's sweep must not take it for a run's orphan
-        LEADERS.add(proc.pid)
         data, why = self.source, None
         try:
             while True:

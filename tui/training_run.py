@@ -103,6 +103,16 @@ class RunOutcome:
 _subreaper_lock = threading.Lock()
 _subreaper = False
 LEADERS: set = set()  # leaders of the runs and evaluations alive in this process: never another run's to kill
+SPAWN_LOCK = threading.Lock()  # a leader's start and its LEADERS entry are one step for run_processes (several slots)
+
+
+def spawn_leader(argv, **kwargs) -> subprocess.Popen:
+    """Start a process in a session of its own (a run or a sealed evaluation) and record it in LEADERS at once: a
+    sweep of another slot's run never sees it as an orphan in between."""
+    with SPAWN_LOCK:
+        proc = subprocess.Popen(argv, **kwargs)
+        LEADERS.add(proc.pid)
+    return proc
 
 
 def become_subreaper() -> None:
@@ -132,6 +142,11 @@ def run_processes(leader: int, wrappers: int = 0, with_leader: bool = True) -> t
     once, and with it everything inside, without the grace the trainer is due). with_leader=False once the leader
     has been reaped: its pid may already belong to someone else."""
     import psutil
+    with SPAWN_LOCK:
+        return _run_processes(psutil, leader, wrappers, with_leader)
+
+
+def _run_processes(psutil, leader: int, wrappers: int, with_leader: bool) -> tuple:
     children: dict = {}
     for p in psutil.process_iter(["ppid", "status"]):
         if p.info["status"] != psutil.STATUS_ZOMBIE:
@@ -401,9 +416,8 @@ class TrainingRun:
         kwargs = {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP} if IS_WINDOWS else {"start_new_session": True}
         become_subreaper()
         self._t0 = time.monotonic()
-        self.proc = subprocess.Popen(self.argv, cwd=self.cwd, env=self.child_env(), stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=0, **kwargs)
-        LEADERS.add(self.proc.pid)
+        self.proc = spawn_leader(self.argv, cwd=self.cwd, env=self.child_env(), stdin=subprocess.DEVNULL,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=0, **kwargs)
         threading.Thread(target=self._read, name="training-output", daemon=True).start()
         return self.proc.pid
 
