@@ -127,6 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--ray-resources", type=cli_args.resources, default=d["ray_resources"], metavar="JSON",
                        help="with --executor ray: what each experiment asks of a node, e.g. '{\"GPU\": 1}' or "
                             "'{\"CPU\": 8}' (default: one GPU when the cluster has GPUs, else one CPU)")
+    agent.add_argument("--workers", type=cli_args.positive_int, default=d["workers"], metavar="N",
+                       help="experiments that train at once on this machine; on a CPU they split the cores "
+                            f"(default: {d['workers']})")
+    agent.add_argument("--devices", default=None, metavar="LIST",
+                       help="one slot per device, e.g. cuda:0,cuda:1 (each run sees only its device); devices of "
+                            "one class only")
 
     noise = p.add_argument_group("noise floor and keep rule (agent)")
     noise.add_argument("--keep-rule", choices=KEEP_RULES, default=d["keep_rule"],
@@ -210,7 +216,8 @@ def agent_config(args):
                   timeout=args.timeout, script=args.script, results=args.results, seed=args.seed,
                   keep_rule=args.keep_rule, noise_runs=args.noise_runs, confirm_runs=args.confirm_runs,
                   remeasure_noise=args.remeasure_noise, plateau=args.plateau, sandbox=args.sandbox,
-                  executor=args.executor, ray_address=args.ray_address, ray_resources=args.ray_resources)
+                  executor=args.executor, ray_address=args.ray_address, ray_resources=args.ray_resources,
+                  workers=args.workers, devices=args.devices or ())
     if args.tag:
         kwargs["tag"] = args.tag
     if args.max:
@@ -219,8 +226,8 @@ def agent_config(args):
 
 
 AGENT_ONLY = ("max", "model", "base_url", "timeout", "script", "seed", "keep_rule", "noise_runs", "confirm_runs",
-              "remeasure_noise", "plateau", "sandbox", "executor", "ray_address",
-              "ray_resources")  # options with no meaning outside --agent
+              "remeasure_noise", "plateau", "sandbox", "executor", "ray_address", "ray_resources", "workers",
+              "devices")  # options with no meaning outside --agent
 
 
 def _single_script(args) -> str:

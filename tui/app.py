@@ -7,6 +7,7 @@ cannot deadlock); the app holds the keys and hands each to the mode's screen, wh
     q  quit: stop the agent cleanly (kill the training process group, revert the unfinished experiment); q again forces
     p  pause / resume the agent after the current experiment        s  stop the current experiment now
     enter  the selected experiment's diff and log tail              v  next view (small terminals)
+    n  the next slot (--workers N > 1): the panels and charts follow it, s stops its run
     d  dark / light                                                 r  reload results.tsv
 """
 
@@ -36,6 +37,7 @@ class DashboardApp(App):
         Binding("s", "stop_run", "Stop run"),
         Binding("enter", "open_row", "Diff"),
         Binding("v", "next_view", "View"),
+        Binding("n", "next_slot", "Slot"),
         Binding("d", "toggle_dark", "Dark"),
         Binding("r", "reload", "Reload"),
     ]
@@ -95,6 +97,8 @@ class DashboardApp(App):
             return self.dashboard.allows(action)
         if action == "next_view":
             return self.dashboard.compact
+        if action == "next_slot":
+            return self.dashboard.has_slots
         return True
 
     async def action_quit(self) -> None:
@@ -114,6 +118,9 @@ class DashboardApp(App):
 
     def action_next_view(self) -> None:
         self.dashboard.next_view()
+
+    def action_next_slot(self) -> None:
+        self.dashboard.next_slot()
 
     def action_toggle_dark(self) -> None:
         self.theme = "textual-light" if self.current_theme.dark else "textual-dark"

@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from tui.devices import devices_problem, parse_devices
 from tui.decision import CONFIRM_RUNS, KEEP_RULES, NOISE_RUNS, PLATEAU
 from tui.executor import EXECUTORS
 from tui.git_repo import validate_tag
@@ -112,6 +113,9 @@ class AgentConfig:
     executor: str = "local"
     ray_address: str = "auto"
     ray_resources: dict | None = None
+    # parallel slots (tui.devices, tui.slots): how many experiments train at once; devices, one slot each
+    workers: int = 1
+    devices: tuple = ()  # or "cuda:0,cuda:1"
 
     def resolved(self) -> "AgentConfig":
         """A copy with every default filled in and every value checked; raises ConfigError with one line."""
@@ -148,6 +152,16 @@ class AgentConfig:
                               f"(got {self.ray_resources!r})")
         if self.timeout is not None and self.timeout <= 0:
             raise ConfigError("--timeout must be a positive number of seconds")
+        devices = parse_devices(self.devices)
+        problem = devices_problem(devices)
+        if problem:
+            raise ConfigError(problem)
+        if self.workers < 1:
+            raise ConfigError("--workers must be at least 1")
+        if devices and self.workers not in (1, len(devices)):
+            raise ConfigError(f"--workers {self.workers} but --devices names {len(devices)}: give one of them (one "
+                              f"slot per device)")
+        workers = len(devices) if devices else self.workers
         budget = self.time_budget if self.time_budget is not None else read_time_budget(repo)
         results = Path(self.results).expanduser() if self.results else repo / "results.tsv"
         results = results if results.is_absolute() else (repo / results)
@@ -155,7 +169,7 @@ class AgentConfig:
         runs = runs if runs.is_absolute() else (repo / runs)
         status = Path(self.status_file) if self.status_file else results.parent / ".runner_status.json"
         return replace(self, repo=repo, results=results.resolve(), runs_dir=runs.resolve(), status_file=status,
-                       time_budget=budget, timeout=self.timeout or default_timeout(budget),
+                       workers=workers, devices=devices, time_budget=budget, timeout=self.timeout or default_timeout(budget),
                        budget_allowance=(default_allowance(budget) if self.budget_allowance is None
                                          else self.budget_allowance))
 

@@ -38,6 +38,7 @@ class ExperimentInfo:
     run: int = 0  # 0 for the first run of a commit; >0 for confirmation runs (noise-aware keep rules)
     seed: int | None = None
     log_path: str = ""
+    slot: int = 0  # the slot it runs on (1..N with --workers N > 1; 0 with a single slot)
 
 
 @dataclass
@@ -52,6 +53,20 @@ class ExperimentResult:
     seconds: float = 0.0
     run: int = 0
     row: Row = field(default_factory=Row)  # the last row that went into results.tsv
+    slot: int = 0  # the slot of its last run (0 with a single slot)
+
+
+@dataclass
+class SlotView:
+    """One slot as the screens show it (--workers N > 1)."""
+    slot: int
+    worker: str  # "slot 2 cuda:1"
+    exp: int | None = None  # None: idle
+    run: int = 0
+    description: str = ""
+    pct: float = 0.0  # progress of the run, 0..100
+    tok_per_sec: float | None = None
+    phase: str = "idle"  # idle | training | evaluating
 
 
 class AgentListener:
@@ -74,6 +89,13 @@ class AgentListener:
     # margin, plateau) for the status panel
 
     def on_log(self, level: str, message: str) -> None: ...  # level: info | warning | error
+
+    # with --workers N > 1 the lines of a run come with its slot, instead of on_output / on_step
+    def on_slot_output(self, slot: int, line: str) -> None: ...
+
+    def on_slot_step(self, slot: int, step: StepMetrics) -> None: ...
+
+    def on_slots(self, slots: list) -> None: ...  # every slot (SlotView), whenever one changes
 
 
 class ListenerGroup:

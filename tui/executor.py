@@ -13,14 +13,17 @@ RunOutcome, whose val_bpb comes from the sealed evaluation of the model the trai
 what the trainer printed.
 """
 
+import io
 import os
 import sys
+import tarfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tui.atomic import remove_tree
 from tui.credentials import scrub_env
+from tui.git_repo import GitError, GitRepo
 from tui.sandbox import Sandbox, SandboxError, detect
 from tui.sealed import PYCACHE, BytecodeCache, Evaluator
 from tui.training_run import KILL_GRACE, RunOutcome, TrainingRun
@@ -95,13 +98,14 @@ class Executor:
 
 
 class LocalRun(RunHandle):
-    def __init__(self, spec: RunSpec, cwd: Path, kill_grace: float, sandbox: Sandbox,
-                 cache: "BytecodeCache | None" = None):
+    def __init__(self, spec: RunSpec, cwd: Path, kill_grace: float, sandbox: Sandbox, repo: Path | None = None,
+                 on_end=None, cache: "BytecodeCache | None" = None):
         self.spec = spec
         self.kill_grace = kill_grace
         self._reason: str | None = None
         self._lock = threading.Lock()
-        self.evaluator = Evaluator(cwd, cache)  # the scoring code as it is before the trainer runs
+        self._on_end = on_end
+        self.evaluator = Evaluator(repo or cwd, cache)  # the scoring code as it is before the trainer runs
         argv = sandbox.wrap([spec.python, "-u", spec.script], cwd, spec.run_dir, spec.env)
         tmp = str(spec.run_dir / "tmp")  # the run's temporary files go with its directory
         self.run = TrainingRun(spec.script, cwd, spec.log_path, deadline=spec.deadline, python=spec.python,
@@ -110,7 +114,7 @@ class LocalRun(RunHandle):
         try:
             self.pid = self.run.start()
         except OSError as e:
-            remove_tree(spec.run_dir)
+            self._end()
             raise ExecutorError(f"cannot start {argv[0]} {spec.script}: {e}") from None
 
     def wait(self, on_line=None) -> RunOutcome:
@@ -123,7 +127,10 @@ class LocalRun(RunHandle):
             self.run.kill(force=True)
             raise
         finally:  # what the run wrote goes with it (its processes are all dead by now): a full disk has space again
-            remove_tree(self.spec.run_dir)
+            self._end()
+
+    def _end(self) -> None:
+        (self._on_end or remove_tree)(self.spec.run_dir)
 
     def cancel(self, reason: str) -> None:
         with self._lock:
@@ -135,14 +142,22 @@ class LocalRun(RunHandle):
 
 class LocalExecutor(Executor):
     """Runs in the repository itself, in the sandbox `sandbox` names (tui.sandbox.SANDBOXES): the working tree must
-    hold spec.commit's script (the orchestrator commits before it submits)."""
+    hold spec.commit's script (the orchestrator commits before it submits).
 
-    def __init__(self, repo, kill_grace: float = KILL_GRACE, sandbox: str = "auto"):
+    With snapshot=True (several slots: the work tree holds only the best commit while candidates train beside it) a
+    run gets instead the tracked files of spec.commit, from git, in its own directory (RUN_DIR/code, its working
+    directory): never the work tree's or the user's untracked files. The sealed evaluation still uses the
+    repository's prepare.py. Runs may overlap: submit() clears only run directories that are not in use."""
+
+    def __init__(self, repo, kill_grace: float = KILL_GRACE, sandbox: str = "auto", snapshot: bool = False):
         self.repo = Path(repo)
         self.kill_grace = kill_grace
         self.choice = sandbox
+        self.snapshot = snapshot
         self._sandbox: Sandbox | None = None
         self._caches: dict = {}  # runs/work -> its evaluators' BytecodeCache, for the agent's lifetime
+        self._active: set = set()  # run directories of runs in progress
+        self._active_lock = threading.Lock()
 
     @property
     def sandbox(self) -> Sandbox:
@@ -158,18 +173,34 @@ class LocalExecutor(Executor):
         log(message, level)
 
     def submit(self, spec: RunSpec) -> LocalRun:
-        try:
-            spec.log_path.parent.mkdir(parents=True, exist_ok=True)
-            if spec.run_dir.parent.is_dir():
-                for old in spec.run_dir.parent.iterdir():
-                    if old.name != PYCACHE:  # the evaluators' cache guards itself (tui.sealed.BytecodeCache)
-                        remove_tree(old)
-            (spec.run_dir / "tmp").mkdir(parents=True)
-        except OSError as e:
-            raise ExecutorError(f"cannot prepare the run directory {spec.run_dir}: {e}; free some space or fix "
-                                f"the permissions, then start again") from None
+        with self._active_lock:
+            try:
+                spec.log_path.parent.mkdir(parents=True, exist_ok=True)
+                if spec.run_dir.parent.is_dir():
+                    for old in spec.run_dir.parent.iterdir():
+                        if old not in self._active and old.name != PYCACHE:  # the cache guards itself
+                            remove_tree(old)
+                (spec.run_dir / "tmp").mkdir(parents=True)
+                self._active.add(spec.run_dir)
+            except OSError as e:
+                raise ExecutorError(f"cannot prepare the run directory {spec.run_dir}: {e}; free some space or fix "
+                                    f"the permissions, then start again") from None
+        cwd = self.repo
+        if self.snapshot:
+            cwd = spec.run_dir / "code"
+            try:
+                with tarfile.open(fileobj=io.BytesIO(GitRepo(self.repo).archive(spec.commit))) as tar:
+                    tar.extractall(cwd, filter="data")
+            except (GitError, OSError, tarfile.TarError) as e:
+                self._release(spec.run_dir)
+                raise ExecutorError(f"cannot check out {spec.commit[:7]} for {spec.label}: {e}") from None
         cache = self._caches.setdefault(spec.run_dir.parent, BytecodeCache(spec.run_dir.parent / PYCACHE))
-        return LocalRun(spec, self.repo, self.kill_grace, self.sandbox, cache)
+        return LocalRun(spec, cwd, self.kill_grace, self.sandbox, repo=self.repo, on_end=self._release, cache=cache)
+
+    def _release(self, run_dir: Path) -> None:
+        remove_tree(run_dir)
+        with self._active_lock:
+            self._active.discard(run_dir)
 
 
 EXECUTORS = ("local", "ray")
@@ -181,5 +212,6 @@ def make_executor(cfg) -> Executor:
     if cfg.executor == "ray":
         from tui.ray_executor import RayExecutor
         return RayExecutor(cfg.repo, cfg.ray_address, cfg.kill_grace, cfg.sandbox, resources=cfg.ray_resources)
-    return LocalExecutor(cfg.repo, cfg.kill_grace, cfg.sandbox)
+    # several slots: each run trains on its commit's files, unpacked in its run directory, not in the work tree
+    return LocalExecutor(cfg.repo, cfg.kill_grace, cfg.sandbox, snapshot=cfg.workers > 1)
 

@@ -5,6 +5,12 @@ commit is HEAD and not on any remote, drops that commit with a soft reset: no ot
 file is ever touched. Each experiment commit stays reachable under refs/autoresearch/<tag>/expN so its diff can be
 shown later even after it was dropped from the branch.
 
+With several candidates in flight (--workers N > 1, tui.slots) a candidate never touches the work tree or the branch
+while it trains: commit_on() writes its commit through a temporary index on top of the best commit, and only a keep
+moves the branch to it (advance_branch). reapply() carries a candidate over to a newer best with a three-way merge
+of the script (git merge-file on the blobs: base = the candidate's parent, ours = the new best, theirs = the
+candidate).
+
 Every git call runs with hooks and the fsmonitor disabled (a training run is LLM-written code: it may have installed
 .git/hooks/* or a fsmonitor command, which git would otherwise run for us) and in a scrubbed environment: no
 secret-named or provider variable, no GIT_* variable from outside (GIT_DIR, GIT_CONFIG_*, ... would redirect or
@@ -14,6 +20,7 @@ reconfigure git) except the commit identity.
 import os
 import re
 import subprocess
+import tempfile
 from pathlib import Path
 
 from tui.credentials import scrub_env
@@ -50,21 +57,23 @@ class GitRepo:
 
     # -- plumbing --------------------------------------------------------------
 
-    def _git(self, args, env: dict | None = None) -> subprocess.CompletedProcess:
-        """The one place git is started (bytes out): hooks off, scrubbed environment (see the module docstring)."""
+    def _git(self, args, env: dict | None = None, data: bytes | None = None) -> subprocess.CompletedProcess:
+        """The one place git is started (bytes in and out): hooks off, scrubbed environment (see the module
+        docstring)."""
         full_env = {k: v for k, v in scrub_env(os.environ).items()
                     if not k.upper().startswith("GIT_") or k in IDENTITY_VARS}
         full_env.update(env or {})
         try:
+            stdin = {"input": data} if data is not None else {"stdin": subprocess.DEVNULL}
             return subprocess.run(["git", *SAFE_CONFIG, *args], cwd=self.path, capture_output=True,
-                                  timeout=self.timeout, env=full_env, stdin=subprocess.DEVNULL)
+                                  timeout=self.timeout, env=full_env, **stdin)
         except FileNotFoundError:
             raise GitError("git is not installed or not on PATH") from None
         except subprocess.TimeoutExpired:
             raise GitError(f"git {' '.join(args)} timed out after {self.timeout:.0f}s") from None
 
-    def run(self, *args, check: bool = True, env: dict | None = None) -> str:
-        p = self._git(args, env)
+    def run(self, *args, check: bool = True, env: dict | None = None, data: bytes | None = None) -> str:
+        p = self._git(args, env, data)
         out = p.stdout.decode("utf-8", errors="replace")
         if check and p.returncode != 0:
             msg = (p.stderr.decode("utf-8", errors="replace").strip() or out.strip()).splitlines()
@@ -201,3 +210,48 @@ class GitRepo:
             self.run("-c", "commit.gpgsign=false", "commit", "-q", "--no-verify", "-m", message, "--", path,
                      env=self._commit_env())
         return "reverted"
+
+    # -- candidates beside the branch (tui.slots) ---------------------------------------------------------------
+
+    def commit_on(self, parent: str, path: str, content: bytes, message: str) -> str:
+        """A commit whose tree is parent's with `path` replaced by `content`, on no branch and without touching the
+        index or the work tree (a temporary index). Returns its sha."""
+        blob = self.run("hash-object", "-w", "--stdin", data=content).strip()
+        entry = self.run("ls-tree", parent, "--", path).split()
+        mode = entry[0] if entry else "100644"  # an executable script stays executable
+        with tempfile.TemporaryDirectory(prefix="autoresearch-index-") as tmp:
+            env = {"GIT_INDEX_FILE": os.path.join(tmp, "index")}
+            self.run("read-tree", parent, env=env)
+            self.run("update-index", "--add", "--cacheinfo", f"{mode},{blob},{path}", env=env)
+            tree = self.run("write-tree", env=env).strip()
+        return self.run("-c", "commit.gpgsign=false", "commit-tree", tree, "-p", parent, "-m", message,
+                        env=self._commit_env()).strip()
+
+    def reapply(self, sha: str, onto: str, path: str, message: str) -> str | None:
+        """Candidate `sha` (one commit changing `path`) carried over to `onto`: a three-way merge of the script.
+        Returns the new commit, or None when the change no longer applies (a conflict)."""
+        base, theirs, ours = (self.show(rev, path) for rev in (f"{sha}^", sha, onto))
+        with tempfile.TemporaryDirectory(prefix="autoresearch-merge-") as tmp:
+            files = []
+            for name, data in (("ours", ours), ("base", base), ("theirs", theirs)):
+                files.append(os.path.join(tmp, name))
+                with open(files[-1], "wb") as f:
+                    f.write(data)
+            p = self._git(["merge-file", "-p", "-q", *files])
+        if p.returncode != 0:  # >0: conflicts; <0: an error, which also means it does not apply
+            return None
+        return self.commit_on(onto, path, p.stdout, message)
+
+    def advance_branch(self, branch: str, old: str, new: str, path: str) -> None:
+        """Move `branch` (checked out at `old`, the caller has checked) to `new`, a commit on top of old that changes
+        only `path`: the script first, then the ref (a kill in between leaves a work-tree change that the next start
+        rescues and restores), with old as the expected value so a concurrent move fails."""
+        self.restore_file(new, path)
+        self.run("update-ref", "-m", "autoresearch: keep", f"refs/heads/{branch}", new, old)
+
+    def archive(self, rev: str) -> bytes:
+        """The tracked files of rev as a tar stream (what a run outside the work tree gets)."""
+        p = self._git(["archive", "--format=tar", rev])
+        if p.returncode != 0:
+            raise GitError(f"git archive {rev} failed: {p.stderr.decode(errors='replace').strip()}")
+        return p.stdout

@@ -6,6 +6,7 @@ Exit codes: 0 the loop ended normally (--max reached), 1 a fatal error, 2 bad co
 signal N (130 for Ctrl-C).
 """
 
+import dataclasses
 import os
 import signal
 import sys
@@ -37,6 +38,7 @@ class ConsoleListener(AgentListener):
         self.err = err or sys.stderr
         self._last_state = None
         self._next_pct = 0.0
+        self._slot_pct: dict = {}  # several slots: the next progress line due, per slot
 
     def say(self, text: str, error: bool = False) -> None:
         stream = self.err if error else self.out
@@ -51,10 +53,13 @@ class ConsoleListener(AgentListener):
 
     def on_experiment_start(self, info):
         self._next_pct = 0.0
+        self._slot_pct[info.slot] = 0.0
+        slot = _slot(info.slot)
         if info.run > 0:  # another run of the same commit (noise floor or confirmation): no new header
-            self.say(f"    exp{info.exp} run {info.run + 1}" + (f" (seed {info.seed})" if info.seed is not None else ""))
+            self.say(f"    {slot}exp{info.exp} run {info.run + 1}"
+                     + (f" (seed {info.seed})" if info.seed is not None else ""))
             return
-        self.say(f"=== exp{info.exp}: {info.description}" + (f"  [{info.commit}]" if info.commit else ""))
+        self.say(f"=== {slot}exp{info.exp}: {info.description}" + (f"  [{info.commit}]" if info.commit else ""))
         if info.reasoning and not info.baseline:
             first = " ".join(info.reasoning.split())
             self.say(f"    reasoning: {first[:200]}")
@@ -64,18 +69,24 @@ class ConsoleListener(AgentListener):
 
     def on_step(self, step):
         if step.pct_done + 1e-9 >= self._next_pct:
-            self._next_pct = (int(step.pct_done // STEP_PRINT_EVERY_PCT) + 1) * STEP_PRINT_EVERY_PCT
-            loss = "-" if step.loss is None else f"{step.loss:.4f}"
-            rest = "-" if step.remaining is None else f"{step.remaining:.0f}s"
-            self.say(f"    step {step.step} ({step.pct_done:.1f}%) loss {loss}, remaining {rest}")
+            self._next_pct = _next(step)
+            self.say(f"    {_progress(step)}")
+
+    def on_slot_output(self, slot, line):
+        self.say(f"    {_slot(slot)}| {line}")
+
+    def on_slot_step(self, slot, step):
+        if step.pct_done + 1e-9 >= self._slot_pct.get(slot, 0.0):
+            self._slot_pct[slot] = _next(step)
+            self.say(f"    {_slot(slot)}{_progress(step)}")
 
     def on_experiment_end(self, r):
         text = r.row.format()
         if r.status in ("keep", "discard"):
-            self.say(f"exp{r.exp} {r.status.upper()}: val_bpb {_fmt_bpb(r.val_bpb)} | mem {text['memory_gb']} GB | "
-                     f"tok/s {text['tok_sec']} | steps {text['steps']} | {r.notes}")
+            self.say(f"{_slot(r.slot)}exp{r.exp} {r.status.upper()}: val_bpb {_fmt_bpb(r.val_bpb)} | mem "
+                     f"{text['memory_gb']} GB | tok/s {text['tok_sec']} | steps {text['steps']} | {r.notes}")
         else:
-            self.say(f"exp{r.exp} {r.status.upper()}: {r.notes}")
+            self.say(f"{_slot(r.slot)}exp{r.exp} {r.status.upper()}: {r.notes}")
 
     def on_stats(self, s, usage, extra):
         self.stats_line(f"stats: runs {s.runs}, kept {s.kept}, discarded {s.discarded}, crashed {s.crashed}, skipped "
@@ -93,6 +104,21 @@ class ConsoleListener(AgentListener):
         self.say(prefix + message, error=(level == "error"))
 
 
+def _slot(slot: int) -> str:
+    """The prefix that names the slot of a line ("" with a single slot)."""
+    return f"[slot {slot}] " if slot else ""
+
+
+def _next(step) -> float:
+    return (int(step.pct_done // STEP_PRINT_EVERY_PCT) + 1) * STEP_PRINT_EVERY_PCT
+
+
+def _progress(step) -> str:
+    loss = "-" if step.loss is None else f"{step.loss:.4f}"
+    rest = "-" if step.remaining is None else f"{step.remaining:.0f}s"
+    return f"step {step.step} ({step.pct_done:.1f}%) loss {loss}, remaining {rest}"
+
+
 class StatusListener(AgentListener):
     """Mirrors the loop into the status file (.runner_status.json) for monitoring scripts."""
 
@@ -108,6 +134,9 @@ class StatusListener(AgentListener):
 
     def on_training_process(self, pid):
         self.file.update(training_pid=pid)
+
+    def on_slots(self, slots):
+        self.file.update(slots=[dataclasses.asdict(v) for v in slots])
 
     def on_experiment_end(self, r):
         self.file.update(last_result={"exp": r.exp, "status": r.status, "val_bpb": r.val_bpb, "notes": r.notes})
@@ -128,10 +157,13 @@ def run_headless(config: AgentConfig, out=None, err=None) -> int:
         return 2
     cfg = orch.cfg
     status = StatusListener(cfg.status_file, lambda: orch.holds_lock, tag=cfg.tag, branch=cfg.branch, provider=cfg.provider,
-                            model=cfg.model, scope=cfg.scope, dataset=cfg.dataset, results=str(cfg.results))
+                            model=cfg.model, scope=cfg.scope, dataset=cfg.dataset, results=str(cfg.results),
+                            workers=cfg.workers)
     orch.events.add(status)
     console.say(f"autoresearch agent (headless): tag {cfg.tag}, branch {cfg.branch}, max {cfg.max_experiments}, "
-                f"provider {cfg.provider}" + (f" {cfg.model}" if cfg.model else "") + f", scope {cfg.scope}")
+                f"provider {cfg.provider}" + (f" {cfg.model}" if cfg.model else "") + f", scope {cfg.scope}"
+                + (f", {cfg.workers} slots" + (f" ({','.join(cfg.devices)})" if cfg.devices else "")
+                   if cfg.workers > 1 else ""))
     console.say(f"results {cfg.results}, logs {cfg.runs_dir}, training deadline {cfg.timeout:.0f}s, status file "
                 f"{cfg.status_file}")
 

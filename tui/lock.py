@@ -93,3 +93,12 @@ class AgentLock:
 
     def __exit__(self, *exc):
         self.release()
+
+
+def process_create_time(pid) -> float | None:
+    """pid's start time, recorded next to it: a later agent kills the pid only if it is still that process."""
+    try:
+        import psutil
+        return psutil.Process(pid).create_time()
+    except Exception:
+        return None

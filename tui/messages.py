@@ -47,11 +47,18 @@ class TrainingProcess(Message):
 @dataclass(eq=False)
 class OutputLine(Message):
     text: str  # a trainer line that is not a progress line
+    slot: int = 0  # the slot whose run printed it (0: a single slot)
 
 
 @dataclass(eq=False)
 class Step(Message):
     metrics: StepMetrics
+    slot: int = 0
+
+
+@dataclass(eq=False)
+class SlotsChanged(Message):
+    slots: list  # tui.events.SlotView, one per slot
 
 
 @dataclass(eq=False)
@@ -131,6 +138,15 @@ class Forward(AgentListener):
 
     def on_step(self, step):
         self.post(Step(step))
+
+    def on_slot_output(self, slot, line):
+        self.post(OutputLine(line, slot))
+
+    def on_slot_step(self, slot, step):
+        self.post(Step(step, slot))
+
+    def on_slots(self, slots):
+        self.post(SlotsChanged(list(slots)))
 
     def on_experiment_end(self, result):
         self.post(ExperimentEnded(result))

@@ -39,10 +39,11 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header
 from textual.worker import get_current_worker
 
+from tui.events import SlotView
 from tui.llm import Usage
 from tui.messages import (AgentDone, DetailReady, ExperimentEnded, ExperimentStarted, Forward, HardwareDetected,
-                          LogMessage, MemorySampled, OutputLine, RunDone, RunStarted, StateChanged, StatsChanged,
-                          Step, TrainingProcess)
+                          LogMessage, MemorySampled, OutputLine, RunDone, RunStarted, SlotsChanged, StateChanged,
+                          StatsChanged, Step, TrainingProcess)
 from tui.parser import FINAL_LINE_RE, SEALED_PREFIX, OutputParser
 from tui.results import Row, rows_for_tag, summarize
 from tui.status_file import STATUS_NAME, read_status
@@ -50,7 +51,7 @@ from tui.sysmem import MemoryMonitor
 from tui.training_run import TrainingRun, kill_process_group
 from tui.watch import LogFollower, experiment_diff, experiment_log, log_tail, read_results, signature
 from tui.widgets import (LEVEL_STYLES, STATUS_STYLES, ActivityLog, BpbChart, DetailScreen, ExperimentsTable,
-                         HardwarePanel, LossChart, StatusPanel, TrainingPanel, fmt_duration)
+                         HardwarePanel, LossChart, SlotsPanel, StatusPanel, TrainingPanel, fmt_duration)
 
 VIEWS = ("table", "charts", "log")  # what the lower half shows on a small terminal, cycled with `v`
 COMPACT_HEIGHT = 34  # below this many rows (or COMPACT_WIDTH columns) the lower half shows one view at a time
@@ -136,6 +137,8 @@ class DashboardScreen(Screen):
         self.monitor: MemoryMonitor | None = None
         self._lock = threading.Lock()  # a quit and the worker building its engine happen in one order
         self._parser = OutputParser()  # the current run's output: backend, the summary block
+        self.slot_views: list = []  # several slots: what each one runs (tui.events.SlotView)
+        self.selected_slot = 1  # the slot the training panel and the charts follow (n: the next one)
 
     # -------------------------------------------------------------------------
     # Hooks of the modes
@@ -184,6 +187,7 @@ class DashboardScreen(Screen):
                 yield TrainingPanel(id="training")
                 yield HardwarePanel(id="hardware")
             yield StatusPanel(id="status")
+            yield SlotsPanel(id="slots")
             with Horizontal(id="charts"):
                 yield LossChart(id="loss-chart")
                 yield BpbChart(id="bpb-chart")
@@ -221,6 +225,7 @@ class DashboardScreen(Screen):
         self.query_one("#training").border_title = "Training"
         self.query_one("#hardware").border_title = "Hardware"
         self.query_one("#status").border_title = self.STATUS_TITLE
+        self.query_one("#slots").border_title = "Slots · n selects, s stops its run"
         self.query_one("#table").border_title = f"Experiments · {self.files.results.name} · newest first"
         self.query_one("#log").border_title = "Activity"
         self.apply_layout(self.app.size.width, self.app.size.height)
@@ -273,7 +278,36 @@ class DashboardScreen(Screen):
             self.monitor.pid = pid
             self.monitor.poke()
 
+    # -- several slots: the panels and charts follow the selected one ------------------------------------------------
+
+    @property
+    def has_slots(self) -> bool:
+        return len(self.slot_views) > 1
+
+    def follows(self, slot: int) -> bool:
+        """Is a report of `slot` (0: a single slot) for the training panel and the charts?"""
+        return slot in (0, self.selected_slot)
+
+    def on_slots_changed(self, message: SlotsChanged) -> None:
+        self.show_slots(message.slots)
+
+    def show_slots(self, views: list) -> None:
+        self.slot_views = list(views)
+        self.query_one(SlotsPanel).set_slots(self.slot_views, self.selected_slot)
+        self.app.refresh_bindings()
+
+    def next_slot(self) -> None:
+        if not self.has_slots:
+            return
+        self.selected_slot = self.selected_slot % len(self.slot_views) + 1
+        v = self.slot_views[self.selected_slot - 1]
+        what = f"exp{v.exp} · {v.description}" if v.exp is not None else "idle"
+        self.new_run(f"slot {v.slot} · {what}", f"slot {v.slot}", note=f"following {v.worker}")
+        self.show_slots(self.slot_views)
+
     def on_output_line(self, message: OutputLine) -> None:
+        if not self.follows(message.slot):
+            return
         text = message.text
         self.feed_output(text)
         if self.logs_output(text):
@@ -294,7 +328,8 @@ class DashboardScreen(Screen):
             self.training.refresh()
 
     def on_step(self, message: Step) -> None:
-        self.show_step(message.metrics)
+        if self.follows(message.slot):
+            self.show_step(message.metrics)
 
     def show_step(self, sm) -> None:
         self.training.step(sm)
@@ -599,6 +634,9 @@ class WatchScreen(DashboardScreen):
                 self._last_state = (state, message)
                 self.log_line(f"[{state}] {message}", "dim")
             self.status.set_state(state, message)
+            slots = [SlotView(**v) for v in st.get("slots") or [] if isinstance(v, dict)]
+            if slots:
+                self.show_slots(slots)
         else:
             self.status.context = "no agent running"
             self.status.set_state("watching", f"{self.files.results.name} · {len(self.rows)} rows")
@@ -673,9 +711,11 @@ class AgentScreen(DashboardScreen):
     def on_experiment_started(self, message: ExperimentStarted) -> None:
         info = message.info
         run = f" (run {info.run + 1})" if info.run else ""
-        self.new_run(f"exp{info.exp}{run} · {info.description}", f"exp{info.exp}")
+        slot = f"[slot {info.slot}] " if info.slot else ""
+        if self.follows(info.slot):
+            self.new_run(f"{slot}exp{info.exp}{run} · {info.description}", f"exp{info.exp}")
         commit = f"  [{info.commit}]" if info.commit else ""
-        self.log_line(f"exp{info.exp}: {info.description}{commit}", "bold cyan")
+        self.log_line(f"{slot}exp{info.exp}{run}: {info.description}{commit}", "bold cyan")
         if info.reasoning and not info.baseline:
             self.log_line("  " + " ".join(info.reasoning.split())[:300], "dim")
 
@@ -687,7 +727,8 @@ class AgentScreen(DashboardScreen):
         style = STATUS_STYLES.get(r.status, "")
         scored = bool(r.val_bpb) and r.status in ("keep", "discard")
         verdict = r.status.upper() + (f" {r.val_bpb:.6f}" if scored else "")
-        self.training.finish(r.final, verdict, style, note=r.notes if r.status in ("crash", "skip") else None)
+        if self.follows(r.slot):
+            self.training.finish(r.final, verdict, style, note=r.notes if r.status in ("crash", "skip") else None)
         detail = f": val_bpb {r.val_bpb:.6f}" if scored else ""
         notes = f" · {r.notes}" if r.notes else ""
         self.log_line(f"exp{r.exp} {r.status.upper()}{detail}{notes}", f"bold {style}".strip())
@@ -743,7 +784,11 @@ class AgentScreen(DashboardScreen):
         self.app.refresh_bindings()
 
     def stop_run(self) -> None:
-        if self.running and self.orch is not None:
+        if self.running and self.orch is not None and self.has_slots:
+            self.orch.skip_current(self.selected_slot)
+            self.log_line(f"stopping the run of slot {self.selected_slot}: training killed, recorded as skip",
+                          "bold yellow")
+        elif self.running and self.orch is not None:
             self.orch.skip_current()
             self.log_line("stopping the current experiment: training killed, commit reverted, recorded as skip",
                           "bold yellow")

@@ -12,6 +12,10 @@ reaches the listeners on the loop's thread (tui.events).
 What makes kill -9 recoverable at any point is the order of one trial and its in-flight marker (tui.trial). Stop
 finishes the experiment, confirmation runs included; abort and fatal errors revert it (no row: it runs again). The
 orchestrator decides what runs and what a result means; how a run is carried out is the executor's business.
+
+With --workers N > 1 the loop is tui.slots.SlotLoop (several experiments in flight, candidates beside the branch);
+startup, the run itself (_announce_run, _spec, _finish_run), recording (_record, _append), the noise-floor rows and
+shutdown are the ones here, shared by both loops.
 """
 
 import dataclasses
@@ -24,18 +28,41 @@ from dataclasses import dataclass
 from tui.config import AgentConfig
 from tui.controls import Controls, FatalError, SkipExperiment, StopRequested
 from tui.decision import DEFAULT_SEED, latest_measurement, make_keep_rule
+from tui.devices import plan_slots
 from tui.events import ExperimentInfo, ExperimentResult, ListenerGroup, State
 from tui.executor import ExecutorError, RunSpec, make_executor, run_env
 from tui.git_repo import GitError, GitMoved, GitRepo
 from tui.llm import Interrupted, Usage, format_cost
+from tui.lock import process_create_time
 from tui.prompt import PromptContext
 from tui.proposer import Proposer
 from tui.results import ResultsFile, Summary, group_experiments, summarize
+from tui.slots import SlotLoop
 from tui.startup import Session, open_session
 from tui.trial import InFlight, Trial, crash_text, judge, make_row
 
 RECENT_CRASH_ROWS = 5  # the last crash's output is shown to the LLM while it is among the latest rows
 DISK_RETRY_SECONDS = 5.0  # results.tsv on a full disk: how often the append is tried again
+
+
+@dataclass
+class NoisePlan:
+    """More noise-floor runs of the best commit: run i of them is run number first + i with seed base + first + i."""
+    trial: Trial  # the best commit's runs in this measurement
+    commit: str  # as its rows show it (7 characters)
+    first: int
+    done: int  # runs of this measurement recorded before
+    total: int  # runs the measurement will have
+    base: int
+    what: str  # "noise floor" | "re-measuring the noise floor"
+
+    exp = property(lambda self: self.trial.exp)
+    state = property(lambda self: State.BASELINE if self.trial.exp == 0 else State.TRAINING)
+
+    def run(self, i: int) -> tuple:
+        """(run number, seed, label) of run i."""
+        return (self.first + i, self.base + self.first + i,
+                f"{self.what} run {self.done + i + 1}/{self.total}")
 
 
 @dataclass
@@ -81,6 +108,8 @@ class Orchestrator:
         self._fatal: str | None = None  # a run left what cannot be repaired (tui.integrity.Repair.fatal)
         self._last_note = ""
         self._lock_held = False
+        self.slots = SlotLoop(self) if self.cfg.workers > 1 else None
+        self._device_env = plan_slots(1, self.cfg.devices)[0].env  # one slot: --devices cuda:3 still pins the run
 
     # -- commands (any thread) and what the screen reads ------------------------------------------------------
 
@@ -100,12 +129,18 @@ class Orchestrator:
         self.controls.abort()
         self._cancel_run("abort")
 
-    def skip_current(self) -> None:
-        """Kill the current training (or drop the pending LLM call) now, record a skip row, revert, continue."""
+    def skip_current(self, slot: int | None = None) -> None:
+        """Kill the current training (or drop the pending LLM call) now, record a skip row, revert, continue.
+        With several slots: the run of `slot` (every run when None); the LLM call goes on."""
+        if self.slots is not None:
+            self.slots.skip(slot)
+            return
         self.controls.skip()
         self._cancel_run("skip")
 
     def _cancel_run(self, reason: str) -> None:
+        if self.slots is not None:
+            self.slots.cancel_all(reason)
         handle = self._handle
         if handle is not None:
             handle.cancel(reason)
@@ -143,28 +178,7 @@ class Orchestrator:
         ok, reason = True, ""
         try:
             self._startup()
-            if self.session.resume is not None:  # a confirmation cut short by kill -9: finish it first
-                trial, self.session.resume = self.session.resume, None
-                self._committed = trial
-                self._judge_and_record(trial, None, "", None)
-                self._after_experiment()
-            if not self.controls.stop_flag.is_set():
-                self._noise_due_at_start()
-            while True:
-                if self.controls.stop_flag.is_set():
-                    reason = "stopped on request"
-                    break
-                n = summarize(self.rows).next_exp
-                if n >= self.cfg.max_experiments:
-                    reason = f"reached --max {self.cfg.max_experiments} (exp0..exp{self.cfg.max_experiments - 1})"
-                    break
-                if self.controls.pause_flag.is_set():
-                    self.status.set(State.PAUSED, "paused: resume to continue")
-                    self.controls.wait_while_paused()
-                    continue
-                self._baseline() if n == 0 else self._experiment(n)
-                self._after_experiment()
-                self._check_guards()
+            reason = self.slots.run() if self.slots is not None else self._loop()
         except StopRequested:
             reason = "stopped on request"
         except FatalError as e:
@@ -181,6 +195,32 @@ class Orchestrator:
             self._shutdown(ok, reason)
         return RunSummary(ok, self.redact(reason), summarize(self.rows), dataclasses.replace(self.usage),
                           self._session_rows, aborted=self.controls.abort_flag.is_set())
+
+    def _loop(self) -> str:
+        """One experiment at a time; returns why it ended."""
+        if self.session.resume is not None:  # a confirmation cut short by kill -9: finish it first
+            trial, self.session.resume = self.session.resume, None
+            self._committed = trial
+            self._judge_and_record(trial, None, "", None)
+            self._after_experiment()
+        if not self.controls.stop_flag.is_set():
+            self._noise_due_at_start()
+        while True:
+            if self.controls.stop_flag.is_set():
+                return "stopped on request"
+            n = summarize(self.rows).next_exp
+            if n >= self.cfg.max_experiments:
+                return self._max_reason()
+            if self.controls.pause_flag.is_set():
+                self.status.set(State.PAUSED, "paused: resume to continue")
+                self.controls.wait_while_paused()
+                continue
+            self._baseline() if n == 0 else self._experiment(n)
+            self._after_experiment()
+            self._check_guards()
+
+    def _max_reason(self) -> str:
+        return f"reached --max {self.cfg.max_experiments} (exp0..exp{self.cfg.max_experiments - 1})"
 
     def _startup(self) -> None:
         try:
@@ -245,8 +285,9 @@ class Orchestrator:
         desc, reasoning = self.redact(proposal.description), self.redact(proposal.reasoning)
         self.status.set(State.COMMITTING, f"exp{n}: {desc}")
         try:
+            parent = ws.head
             sha = ws.commit_script(new_source, f"exp{n}: {desc}")
-            trial = Trial(n, sha, desc, reasoning)
+            trial = Trial(n, sha, desc, reasoning, parent=parent)
             self._committed = trial
             self.git.keep_ref(self.cfg.tag, n, sha)
         except SkipExperiment as s:  # the edit holds a secret: nothing was written
@@ -268,33 +309,50 @@ class Orchestrator:
                usage: Usage | None = None) -> tuple:
         """Announce and do one run of the trial's commit; its row (and value) join the trial.
         Returns (status, notes, outcome): status None when the run gave a usable val_bpb."""
+        log = self._announce_run(trial, run, seed, state, message, reasoning)
+        return self._finish_run(trial, run, seed, self._train(trial, run, seed, log), kind, usage)
+
+    def _announce_run(self, trial: Trial, run: int, seed, state: State, message: str, reasoning=None,
+                      slot: int = 0):
+        """Tell the listeners a run of the trial starts; returns its log path."""
         log = self.cfg.runs_dir / (f"exp{trial.exp}.log" if run == 0 else f"exp{trial.exp}-run{run}.log")
         self.events.emit("on_experiment_start", ExperimentInfo(
             trial.exp, trial.description, trial.reasoning if reasoning is None else reasoning, trial.commit[:7],
-            baseline=trial.baseline, run=run, seed=seed, log_path=str(log)))
+            baseline=trial.baseline, run=run, seed=seed, log_path=str(log), slot=slot))
         self.status.set(state, message)
-        outcome = self._train(trial, run, seed, log)
+        return log
+
+    def _finish_run(self, trial: Trial, run: int, seed, outcome, kind: str = "", usage: Usage | None = None,
+                    worker: str = "", touched: list | None = None) -> tuple:
+        """Judge a finished run and add its row to the trial: (status, notes, outcome) as _start. touched: what the
+        integrity check (_check_runs) found, when the caller ran it for several runs at once."""
         self.status.set(State.EVALUATING, f"exp{trial.exp}: evaluating")
-        status, notes = judge(outcome, self._after_run(trial, run, outcome), self.cfg.time_budget,
-                              self.cfg.budget_allowance)
+        self._redact_run(outcome)
+        if touched is None:
+            touched = self._check_runs(trial.commit, _run_label(trial, run))
+        status, notes = judge(outcome, touched, self.cfg.time_budget, self.cfg.budget_allowance)
         if status is None and outcome.returncode not in (0, None):
             self._log(f"the trainer exited with code {outcome.returncode} after printing its summary", "warning")
         if status == "skip":
             self.controls.skip_flag.clear()
         # provisional status "discard" so the row carries the run's figures; the verdict sets the real one
         row = make_row(trial.exp, status or "discard", trial.description, trial.commit, outcome, notes,
-                       usage or Usage(), dataset=self.cfg.dataset, tag=self.cfg.tag, run=run, seed=seed, kind=kind)
+                       usage or Usage(), dataset=self.cfg.dataset, tag=self.cfg.tag, run=run, seed=seed, kind=kind,
+                       parent=trial.parent, worker=worker)
         trial.add(row.redacted(self.redact), outcome.final.val_bpb if status is None else None, seed)
         return status, notes, outcome
 
-    def _after_run(self, trial: Trial, run: int, outcome) -> list:
-        """Before anything is judged, committed or sent: repair what the run changed (tui.integrity) and take every
-        known secret out of its log file and of the crash tail. Returns what the run changed (then it is a crash)."""
+    def _redact_run(self, outcome) -> None:
+        """Before anything is judged, committed or sent: every known secret out of the run's log and crash tail."""
         if outcome.log_path is not None:
             self.redact.redact_file(outcome.log_path)
         outcome.tail = [self.redact(line) for line in outcome.tail]
-        label = f"exp{trial.exp}" + (f"-run{run}" if run else "")
-        repair = self.session.integrity.verify_and_repair(trial.commit, label)  # GitMoved: the user moved the branch
+
+    def _check_runs(self, tree: str, label: str) -> list:
+        """Before anything is judged: repair what the runs that just ended changed (tui.integrity; `tree`: the commit
+        the work tree must hold, `label`: which runs, for the quarantine and the log). Returns what was changed (the
+        runs are then crashes)."""
+        repair = self.session.integrity.verify_and_repair(tree, label)  # GitMoved: the user moved the branch
         if repair.touched:
             saved = f"; what it left is saved in {repair.quarantine}" if repair.quarantine else ""
             self._log(f"{label}: the run changed what it may not change (a crash): "
@@ -304,16 +362,19 @@ class Orchestrator:
         self._fatal = self._fatal or repair.fatal
         return repair.touched
 
-    def _train(self, trial: Trial, run: int, seed, log):
+    def _spec(self, trial: Trial, run: int, seed, log, slot_env=None) -> RunSpec:
         cfg = self.cfg
         run_dir = cfg.runs_dir / "work" / (f"exp{trial.exp}" + (f"-run{run}" if run else ""))
-        spec = RunSpec(commit=trial.commit, script=self.script, seed=seed, budget=cfg.time_budget,
+        return RunSpec(commit=trial.commit, script=self.script, seed=seed, budget=cfg.time_budget,
                        dataset=cfg.dataset, deadline=cfg.timeout, log_path=log, run_dir=run_dir, python=cfg.python,
                        env=run_env(secrets=self.proposer.secrets, AUTORESEARCH_DATASET=cfg.dataset,
                                    AUTORESEARCH_TIME_BUDGET=f"{cfg.time_budget:g}", AUTORESEARCH_RUN_DIR=run_dir,
                                    # no bytecode: a pyc next to a protected module is then always planted
-                                   PYTHONDONTWRITEBYTECODE="1"),
+                                   PYTHONDONTWRITEBYTECODE="1", **(slot_env or {})),
                        label=f"exp{trial.exp}" + (f" r{run}" if run else ""))
+
+    def _train(self, trial: Trial, run: int, seed, log):
+        spec = self._spec(trial, run, seed, log, self._device_env)
         try:
             handle = self.executor.submit(spec)
         except ExecutorError as e:
@@ -322,7 +383,7 @@ class Orchestrator:
         reason = self.controls.cancel_reason(include_stop=False)  # a command that came while it started
         if reason:
             handle.cancel(reason)
-        created = _create_time(handle.pid)
+        created = process_create_time(handle.pid)
         self.session.lock.update(training_pid=handle.pid, training_create_time=created)
         self.events.emit("on_training_process", handle.pid)
         try:
@@ -364,6 +425,13 @@ class Orchestrator:
             return
         if status != "keep" and not trial.baseline:
             self._revert(trial, status)
+        if self._record(trial, status, notes, last, verdict):
+            self._measure_noise(self.keep_rule.noise_runs_needed(self.rows))
+
+    def _record(self, trial: Trial, status: str, notes: str, last, verdict, slot: int = 0,
+                marker: InFlight | None = None) -> bool:
+        """Record a decided experiment (its git side is done): every run's row, then the markers go. Returns True
+        when it became the reference whose noise floor is to be measured."""
         self._committed = None
         self._tally(trial, status, notes, last)
         noise = bool(verdict is not None and verdict.noise and status == "keep")
@@ -371,13 +439,14 @@ class Orchestrator:
         for row in rows:
             self._append(row)
         self.inflight.drop()  # only now: a kill -9 before this point still finds the runs (or the rows)
+        if marker is not None:
+            marker.drop()
         self._session_rows += 1
         value = trial.candidate().mean if status in ("keep", "discard") and trial.values else None
         self.events.emit("on_experiment_end", ExperimentResult(
-            n, status, trial.description, value, trial.commit[:7], notes, last.final if last else None,
-            last.seconds if last else 0.0, run=len(rows) - 1, row=rows[-1]))
-        if noise:
-            self._measure_noise(self.keep_rule.noise_runs_needed(self.rows))
+            trial.exp, status, trial.description, value, trial.commit[:7], notes, last.final if last else None,
+            last.seconds if last else 0.0, run=len(rows) - 1, row=rows[-1], slot=slot))
+        return noise
 
     def _tally(self, trial: Trial, status: str, notes: str, last) -> None:
         if status == "crash":
@@ -462,7 +531,7 @@ class Orchestrator:
         self.controls.resume_now.clear()
         self.controls.skip_flag.clear()
 
-    def _prompt_context(self, n: int, source: str) -> PromptContext:
+    def _prompt_context(self, n: int, source: str, running=()) -> PromptContext:
         s = summarize(self.rows)
         crash = self.session.last_crash
         if crash and crash[0] not in [r.exp for r in self.rows[-RECENT_CRASH_ROWS:]]:
@@ -471,73 +540,92 @@ class Orchestrator:
                              history_len=self.cfg.history_len, best_val_bpb=s.best_val_bpb, best_exp=s.best_exp,
                              hardware=self.hardware, backend=self.backend, dataset=self.cfg.dataset,
                              time_budget=self.cfg.time_budget, last_crash=crash[1] if crash else None,
-                             notes=list(self.keep_rule.prompt_notes(self.rows)))
+                             notes=list(self.keep_rule.prompt_notes(self.rows)), running=list(running))
 
     # -- the noise floor: more runs of the reference commit, each recorded as it finishes ---------------------------
 
-    def _noise_due_at_start(self) -> None:
-        """--remeasure-noise, or a measurement that is due (cut short by a restart, or missing on an older tag)."""
+    def _noise_due_at_start(self, measure=None) -> None:
+        """--remeasure-noise, or a measurement that is due (cut short by a restart, or missing on an older tag).
+        measure(count, fresh): how the runs are done (_measure_noise, one after the other, by default)."""
+        measure = measure or self._measure_noise
         s = summarize(self.rows)
         if self.cfg.remeasure_noise and s.best_exp is not None:
-            self._measure_noise(max(self.cfg.noise_runs, 2), fresh=True)
+            measure(max(self.cfg.noise_runs, 2), fresh=True)
             return
         if self.cfg.remeasure_noise:
             self._log("--remeasure-noise: nothing to re-measure yet (no kept experiment); the baseline measures the "
                       "noise floor")
         todo = self.keep_rule.noise_runs_needed(self.rows)
         if todo:
-            self._measure_noise(todo)
+            measure(todo)
 
     def _measure_noise(self, count: int, fresh: bool = False) -> None:
         """Run the reference commit (the best kept experiment, which must be HEAD) `count` more times with new seeds,
         appending one "noise" row per run. A crash, skip or abort ends the measurement early (what ran is kept)."""
+        plan = self._noise_plan(count, fresh)
+        if plan is None:
+            return
+        for i in range(count):
+            if self.controls.stop_flag.is_set():
+                self._log(f"noise floor: stopped after {plan.done + i}/{plan.total} runs; the next start completes it")
+                return
+            run, seed, label = plan.run(i)
+            result = self._start(plan.trial, run, seed, plan.state, f"exp{plan.exp}: {label} (seed {seed})",
+                                 kind="noise", reasoning=label)
+            if not self._noise_row(plan, i, *result, last=(i == count - 1)):
+                break
+        summary = self.keep_rule.noise_summary(self.rows)
+        if summary:
+            self._log(summary)
+
+    def _noise_plan(self, count: int, fresh: bool = False):
+        """What `count` more noise-floor runs of the best commit are (NoisePlan), or None when there is nothing to
+        measure on."""
         s = summarize(self.rows)
         exp = next((e for e in group_experiments(self.rows) if e.exp == s.best_exp), None)
         if count <= 0 or exp is None or exp.exp is None:
-            return
+            return None
         head = self.git.head()
         if exp.commit != "-" and not head.startswith(exp.commit):
             self._log(f"noise floor: HEAD {head[:7]} is not the best commit {exp.commit} (exp{exp.exp}); "
                       f"not measuring", "warning")
-            return
-        n, desc = exp.exp, exp.first.description
+            return None
+        n = exp.exp
         first = max(r.run for r in exp.rows) + 1
         done = 0  # runs of this measurement so far (for "run j/N")
         block = latest_measurement(self.rows)
         if block and not fresh and self.rows[block[0]].exp == n:
             done = sum(1 for r in self.rows[block[0]:block[1]] if r.status == "keep")
-        total = count if fresh else done + count
         base = self.cfg.seed if self.cfg.seed is not None else DEFAULT_SEED
-        what = "re-measuring the noise floor" if fresh else "noise floor"
+        plan = NoisePlan(Trial(n, head, exp.first.description, baseline=(n == 0)), exp.commit, first, done,
+                         count if fresh else done + count, base,
+                         "re-measuring the noise floor" if fresh else "noise floor")
         if fresh:
-            self._log(f"{what} on exp{n} ({exp.commit}): {count} runs with seeds {base + first}.."
+            self._log(f"{plan.what} on exp{n} ({exp.commit}): {count} runs with seeds {base + first}.."
                       f"{base + first + count - 1}")
-        trial = Trial(n, head, desc, baseline=(n == 0))
-        for i in range(count):
-            if self.controls.stop_flag.is_set():
-                self._log(f"noise floor: stopped after {done + i}/{total} runs; the next start completes it")
-                return
-            run, seed, label = first + i, base + first + i, f"{what} run {done + i + 1}/{total}"
-            status, notes, outcome = self._start(trial, run, seed, State.BASELINE if n == 0 else State.TRAINING,
-                                                 f"exp{n}: {label} (seed {seed})", kind="noise", reasoning=label)
-            if status is not None:
-                self._log(f"noise floor run {done + i + 1}/{total} of exp{n} did not finish ({notes}); the "
-                          f"measurement keeps the {done + i} runs it has", "warning")
-                if status == "crash":
-                    self.session.last_crash = (n, crash_text(n, desc, notes, outcome.tail))
-                break
-            row = trial.rows[-1]
-            row.status, row.notes, row.commit = "keep", f"{label} (seed {seed})", exp.commit
-            if i == count - 1:
-                row.notes = f"{row.notes}; {self.keep_rule.noise_summary(self.rows + [row])}"
-            self._append(row)
-            self.events.emit("on_experiment_end", ExperimentResult(
-                n, "keep", desc, row.val_bpb, exp.commit, row.notes, outcome.final, outcome.seconds, run=run,
-                row=row))
-            self._refresh_stats()
-        summary = self.keep_rule.noise_summary(self.rows)
-        if summary:
-            self._log(summary)
+        return plan
+
+    def _noise_row(self, plan, i: int, status, notes: str, outcome, last: bool, slot: int = 0) -> bool:
+        """Record noise run i of the plan (finished: status, notes, outcome as _start); False when it did not give a
+        value (the measurement keeps what it has)."""
+        n, desc = plan.exp, plan.trial.description
+        if status is not None:
+            self._log(f"noise floor run {plan.done + i + 1}/{plan.total} of exp{n} did not finish ({notes}); the "
+                      f"measurement keeps the {plan.done + i} runs it has", "warning")
+            if status == "crash":
+                self.session.last_crash = (n, crash_text(n, desc, notes, outcome.tail))
+            return False
+        run, seed, label = plan.run(i)
+        row = plan.trial.rows[-1]
+        row.status, row.notes, row.commit = "keep", f"{label} (seed {seed})", plan.commit
+        if last:
+            row.notes = f"{row.notes}; {self.keep_rule.noise_summary(self.rows + [row])}"
+        self._append(row)
+        self.events.emit("on_experiment_end", ExperimentResult(
+            n, "keep", desc, row.val_bpb, plan.commit, row.notes, outcome.final, outcome.seconds, run=run,
+            row=row, slot=slot))
+        self._refresh_stats()
+        return True
 
     # -- shutdown -------------------------------------------------------------------------------------------------
 
@@ -546,6 +634,8 @@ class Orchestrator:
         handle = self._handle
         if handle is not None:
             handle.cancel("abort")
+        if self.slots is not None:
+            self.slots.shutdown()
         trial, self._committed = self._committed, None
         if trial is not None and not trial.baseline and self.session is not None:
             try:
@@ -567,9 +657,5 @@ class Orchestrator:
         self.status.set(State.STOPPED if ok else State.FAILED, reason)
 
 
-def _create_time(pid) -> float | None:
-    try:
-        import psutil
-        return psutil.Process(pid).create_time()
-    except Exception:
-        return None
+def _run_label(trial: Trial, run: int) -> str:
+    return f"exp{trial.exp}" + (f"-run{run}" if run else "")

@@ -401,6 +401,7 @@ class PromptContext:
     time_budget: float = 300.0
     last_crash: str | None = None  # "expN (description):\n<tail of its output>"
     notes: list = field(default_factory=list)  # extra guidance (plateau, noise floor, ...) from later features
+    running: list = field(default_factory=list)  # "expN: description" of each experiment in flight (several slots)
 
 
 def system_prompt(scope: str, script_name: str, time_budget: float) -> str:
@@ -486,6 +487,9 @@ def user_prompt(ctx: PromptContext) -> str:
         "Results so far (oldest first):",
         format_history(ctx.history, ctx.history_len),
     ]
+    if ctx.running:
+        parts += ["", "Experiments training right now (no results yet; do not propose these again):"]
+        parts += [f"- {line}" for line in ctx.running]
     if ctx.last_crash:
         parts += ["", "The most recent crash, end of its output:", "```", ctx.last_crash[-CRASH_TAIL_CHARS:], "```"]
     if ctx.scope == "hparams":

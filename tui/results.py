@@ -15,7 +15,10 @@ One experiment (exp column) may have several rows, one per training run of the s
     seed   AUTORESEARCH_SEED of the run; empty = the trainer's default (42).
     kind   why the run happened: empty for an experiment's first run; "confirm" for a confirmation run (the keep
            rule wanted more evidence); "noise" for a noise-floor run (the baseline's runs at the start of a tag, and
-           --remeasure-noise runs of the best commit).
+           --remeasure-noise runs of the best commit); "superseded" for a run measured on an older parent of a
+           candidate that was then re-applied on a newer best (--workers N > 1): kept for the record, never scored.
+    parent the commit the run's candidate was based on (7 characters; empty in older files).
+    worker the slot that ran it ("slot 2 cuda:1"; empty for a single slot and in older files).
 All rows of an experiment carry the experiment's final status and notes, except noise-floor rows: those are always
 "keep" (the commit is the reference) and their notes say which measurement run they were; the last one carries the
 measured noise floor. So a commit with more than one keep row was confirmed (or is the measured reference), a keep
@@ -41,8 +44,10 @@ COLUMNS = [
     "tag", "llm_tokens", "llm_cost",  # which agent run the row belongs to; LLM usage of the experiment
     "seed", "run", "kind",  # repeated runs of one commit (issue 8, see above)
     "eval_seconds",  # the sealed evaluation's process, apart from `seconds` (the trainer's, which the budget counts)
+    "parent", "worker",  # the commit the candidate was measured on, and the slot that ran it (issue 13)
 ]
 SCORED = ("keep", "discard")
+SUPERSEDED = "superseded"  # kind of a run whose candidate was re-applied on a newer best: not scored
 NO_COMMIT = "-"
 
 _ESCAPES = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
@@ -106,11 +111,14 @@ class Row:
     run: int = 0
     kind: str = ""
     eval_seconds: float | None = None
+    parent: str = ""
+    worker: str = ""
     extra: dict = field(default_factory=dict)  # columns this version does not know, kept as text
 
     @property
     def scored(self) -> bool:
-        return self.status in SCORED and math.isfinite(self.val_bpb) and self.val_bpb > 0
+        return (self.status in SCORED and self.kind != SUPERSEDED and math.isfinite(self.val_bpb)
+                and self.val_bpb > 0)
 
     @classmethod
     def parse(cls, text: dict) -> "Row":
@@ -125,6 +133,7 @@ class Row:
                    notes=text.get("notes") or "", tag=g("tag"), llm_tokens=tokens,
                    llm_cost=as_float(g("llm_cost")) if tokens is not None else None, seed=_as_int(g("seed")),
                    run=_as_int(g("run")) or 0, kind=g("kind"), eval_seconds=as_float(g("eval_seconds")),
+                   parent=g("parent"), worker=g("worker"),
                    extra={k: v for k, v in text.items() if k not in _FIELD_NAMES})
 
     def format(self) -> dict:
@@ -141,7 +150,8 @@ class Row:
                 "steps": opt(self.steps), "backend": self.backend, "chip": self.chip, "dataset": self.dataset,
                 "seconds": opt(self.seconds, "{:.1f}"), "notes": self.notes, "tag": self.tag,
                 "llm_tokens": opt(self.llm_tokens), "llm_cost": cost, "seed": opt(self.seed), "run": str(self.run),
-                "kind": self.kind, "eval_seconds": opt(self.eval_seconds, "{:.1f}")}
+                "kind": self.kind, "eval_seconds": opt(self.eval_seconds, "{:.1f}"), "parent": self.parent,
+                "worker": self.worker}
 
     def redacted(self, redact) -> "Row":
         """A copy with redact() applied to every text field (a model or a trainer could echo a key anywhere)."""
@@ -281,7 +291,8 @@ class Experiment:
 
     @property
     def commit(self) -> str:
-        return self.first.commit
+        """The commit its latest run measured (a candidate re-applied on a newer best has a new one)."""
+        return self.rows[-1].commit
 
     @property
     def values(self) -> list:

@@ -32,7 +32,7 @@ from pathlib import Path
 from tui.atomic import remove_tree
 from tui.integrity import scan_files
 from tui.parser import SEALED_PREFIX, ParsedLine
-from tui.training_run import IS_WINDOWS, POLL_SECONDS, RunOutcome, kill_process_group
+from tui.training_run import IS_WINDOWS, LEADERS, POLL_SECONDS, RunOutcome, kill_process_group, spawn_leader
 
 EVALUATOR = "prepare.py"
 PYCACHE = ".pycache"  # beside the run directories: written by evaluators only
@@ -93,8 +93,9 @@ class Evaluator:
         cache.check()
         t0 = time.monotonic()
         try:
-            proc = subprocess.Popen(self.argv(spec), cwd=self.repo, env=spec.env, stdin=subprocess.PIPE,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
+            # in a session of its own like a run's leader: another slot's sweep must not take it for an orphan
+            proc = spawn_leader(self.argv(spec), cwd=self.repo, env=spec.env, stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
         except OSError as e:
             return f"sealed evaluation impossible: cannot start {spec.python}: {e}"
         data, why = self.source, None
@@ -123,6 +124,7 @@ class Evaluator:
                 except (ProcessLookupError, PermissionError):
                     pass
             cache.record()
+            LEADERS.discard(proc.pid)
         seconds = time.monotonic() - t0
         if why:
             return why

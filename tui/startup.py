@@ -37,6 +37,7 @@ class Session:
     integrity: Integrity
     rows: list  # results rows of this tag
     resume: Trial | None = None  # a confirmation cut short by kill -9: continued first
+    requeue: list = field(default_factory=list)  # several slots: the other experiments a kill -9 left in flight
     last_crash: tuple | None = None  # (exp, text for the prompt)
     hardware: dict = field(default_factory=dict)
     backend: str | None = None
@@ -100,6 +101,7 @@ def _open(cfg, git, results, inflight, proposer, status, log, script, backend, l
     except GitError as e:
         raise FatalError(str(e)) from None
     log(f"{'created' if created else 'on'} branch {cfg.branch} at {git.head(short=True)}", "info")
+    requeue = requeue_in_flight(cfg, rows, resume, log)
     if cfg.scope == "hparams":
         try:
             find_hparams((cfg.repo / script).read_text(encoding="utf-8"))
@@ -110,8 +112,8 @@ def _open(cfg, git, results, inflight, proposer, status, log, script, backend, l
     integrity = Integrity(cfg.repo, cfg.protected, ws, results, cfg.runs_dir, proposer.redact).take()
     log(f"integrity snapshot ({time.perf_counter() - t0:.2f}s): {integrity.describe()}; a run that changes them is "
         f"a crash", "info")
-    return Session(script, lock, ws, integrity, rows, resume, _last_crash(cfg, rows, proposer.redact), hardware,
-                   backend)
+    return Session(script, lock, ws, integrity, rows, resume, requeue, _last_crash(cfg, rows, proposer.redact),
+                   hardware, backend)
 
 
 def resolve_script(cfg: AgentConfig) -> tuple:
@@ -159,6 +161,29 @@ def recover_interrupted(ws: Workspace, rows: list, inflight: InFlight, log) -> T
     return None
 
 
+def requeue_in_flight(cfg: AgentConfig, rows: list, resume: Trial | None, log) -> list:
+    """Several slots: the experiments a killed agent had in flight beside the branch (tui.trial), to run on with the
+    runs they have. A marker whose experiment has rows is stale; with a single slot they are not resumed (dropped:
+    their numbers are taken again by new experiments)."""
+    out = []
+    for marker in InFlight.each(cfg.runs_dir, cfg.tag):
+        trial = marker.load()
+        if resume is not None and trial is not None and trial.exp == resume.exp:
+            continue  # the one that was moving the branch: resumed from the plain marker
+        if trial is None or any(r.exp == trial.exp for r in rows) or cfg.workers == 1:
+            if trial is not None and cfg.workers == 1 and not any(r.exp == trial.exp for r in rows):
+                log(f"exp{trial.exp} was in flight with several workers: not resumed with one (start with the same "
+                    f"--workers to resume it); its number is used again", "warning")
+            marker.drop()
+            continue
+        out.append(trial)
+    if out:
+        listed = ", ".join(f"exp{t.exp} ({len(t.values)} run{'s' if len(t.values) != 1 else ''} done)" for t in out)
+        log(f"{len(out)} experiment{'s' if len(out) > 1 else ''} in flight when the agent was killed: re-queued "
+            f"{listed}, no new LLM call", "warning")
+    return out
+
+
 def _rel(cfg: AgentConfig, path: Path) -> str | None:
     try:
         return Path(path).resolve().relative_to(cfg.repo).as_posix()
@@ -175,14 +200,19 @@ def _foreign_changes(cfg: AgentConfig, git: GitRepo, script: str) -> list:
 
 
 def _kill_leftover_trainer(previous: dict, grace: float, log) -> None:
-    """A killed agent may have left its training process group running: end it before training again."""
-    pid = previous.get("training_pid")
-    if not pid:
-        return
+    """A killed agent may have left its training process groups running (training_pids with several slots): end
+    them before training again."""
+    leftovers = dict([(previous.get("training_pid"), previous.get("training_create_time")),
+                      *(tuple(p) for p in previous.get("training_pids") or [])])
+    for pid, created in leftovers.items():
+        if pid:
+            _kill_leftover(pid, created, grace, log)
+
+
+def _kill_leftover(pid, created, grace: float, log) -> None:
     try:
         import psutil
         proc = psutil.Process(int(pid))
-        created = previous.get("training_create_time")
         if created and abs(proc.create_time() - float(created)) > 1.0:
             return  # the pid was reused by an unrelated process
     except Exception:

@@ -104,7 +104,17 @@ class RunOutcome:
 
 _subreaper_lock = threading.Lock()
 _subreaper = False
-_leaders: set = set()  # leaders of the runs alive in this process: another run's tree is never touched
+LEADERS: set = set()  # leaders of the runs and evaluations alive in this process: never another run's to kill
+SPAWN_LOCK = threading.Lock()  # a leader's start and its LEADERS entry are one step for run_processes (several slots)
+
+
+def spawn_leader(argv, **kwargs) -> subprocess.Popen:
+    """Start a process in a session of its own (a run or a sealed evaluation) and record it in LEADERS at once: a
+    sweep of another slot's run never sees it as an orphan in between."""
+    with SPAWN_LOCK:
+        proc = subprocess.Popen(argv, **kwargs)
+        LEADERS.add(proc.pid)
+    return proc
 
 
 def become_subreaper() -> None:
@@ -126,13 +136,19 @@ def run_processes(leader: int, wrappers: int = 0, with_leader: bool = True) -> t
     The run is the leader and its descendants, plus the agent's children outside the agent's session and their
     descendants: a process the agent starts itself (git, nvidia-smi) stays in the agent's session, while everything
     a run starts is in the run's session or a newer one (a session can only be left for a new one, never re-joined),
-    so an adopted orphan is recognised without trusting anything it could change. Invariants: one agent process runs
-    one training run at a time (other live runs' leaders are excluded, but not their orphans), and starts nothing in a
-    session of its own but its runs. The first `wrappers`
+    so an adopted orphan is recognised without trusting anything it could change. Invariants: the leaders of the other
+    runs and sealed evaluations alive in this process (LEADERS, several with parallel slots) are excluded, but not
+    their orphans (an orphan of a run is killed when any run ends), and the agent starts nothing in a session of its
+    own but those. The first `wrappers`
     levels of the leader's tree are sandbox wrappers (they get SIGKILL only: a SIGTERM kills a bubblewrap wrapper at
     once, and with it everything inside, without the grace the trainer is due). with_leader=False once the leader
     has been reaped: its pid may already belong to someone else."""
     import psutil
+    with SPAWN_LOCK:
+        return _run_processes(psutil, leader, wrappers, with_leader)
+
+
+def _run_processes(psutil, leader: int, wrappers: int, with_leader: bool) -> tuple:
     children: dict = {}
     for p in psutil.process_iter(["ppid", "status"]):
         if p.info["status"] != psutil.STATUS_ZOMBIE:
@@ -148,7 +164,7 @@ def run_processes(leader: int, wrappers: int = 0, with_leader: bool = True) -> t
     if hasattr(os, "getsid"):
         mine = os.getsid(0)
         todo.extend((p, wrappers) for p in children.get(os.getpid(), [])
-                    if p.pid != leader and p.pid not in _leaders and _sid(p.pid) not in (mine, None))
+                    if p.pid != leader and p.pid not in LEADERS and _sid(p.pid) not in (mine, None))
     outer, inner, seen = [], [], set()
     while todo:
         proc, depth = todo.pop()
@@ -221,7 +237,7 @@ def reap_adopted(leader: int) -> None:
     except psutil.Error:
         return
     for p in kids:
-        if p.pid == leader or p.pid in _leaders:
+        if p.pid == leader or p.pid in LEADERS:
             continue
         try:
             sid = _sid(p.pid)
@@ -402,9 +418,8 @@ class TrainingRun:
         kwargs = {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP} if IS_WINDOWS else {"start_new_session": True}
         become_subreaper()
         self._t0 = time.monotonic()
-        self.proc = subprocess.Popen(self.argv, cwd=self.cwd, env=self.child_env(), stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=0, **kwargs)
-        _leaders.add(self.proc.pid)
+        self.proc = spawn_leader(self.argv, cwd=self.cwd, env=self.child_env(), stdin=subprocess.DEVNULL,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=0, **kwargs)
         threading.Thread(target=self._read, name="training-output", daemon=True).start()
         return self.proc.pid
 
@@ -506,7 +521,7 @@ class TrainingRun:
             self.kill(force=True)
             returncode = self.proc.wait()
         sweep(self.proc.pid, self.wrappers, self.proc)  # anything that appeared since, and the adopted zombies
-        _leaders.discard(self.proc.pid)
+        LEADERS.discard(self.proc.pid)
         p = self.parser
         return RunOutcome(returncode=returncode, final=p.final, failed=p.failed, timed_out=timed_out, stopped=stopped,
                           seconds=time.monotonic() - self._t0, log_path=self.log_path, backend=p.backend,

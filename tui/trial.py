@@ -12,6 +12,12 @@ restart finds, whenever the kill came:
     rows written                    the experiment is done: the marker is stale and dropped
 A restart never reverts an experiment that has a row and never undoes a revert (tui.workspace).
 
+With several slots (tui.slots) every experiment in flight has its own marker, runs/pending-<tag>-exp<N>.json, saved
+when its candidate commit exists (on its ref, beside the branch) and after every run; the plain marker then means
+only "this experiment is moving the branch" (saved just before a keep moves it, dropped with the rows), so the
+table above still holds for HEAD. A restart re-queues every other marker's experiment: its runs so far are kept, the
+runs it still needs start again, no LLM call, nothing recorded twice (a marker whose experiment has rows is dropped).
+
 Noise-floor runs (the baseline's, --remeasure-noise) and confirmation runs are runs of a Trial like any other; only
 what is recorded differs: a noise run's row is appended as soon as it finishes.
 """
@@ -23,7 +29,7 @@ from pathlib import Path
 from tui.atomic import write_json_atomic
 from tui.decision import Candidate
 from tui.llm import Usage
-from tui.results import Row
+from tui.results import SUPERSEDED, Row
 from tui.training_run import RunOutcome
 
 CRASH_TAIL_LINES = 40
@@ -36,6 +42,7 @@ class Trial:
     description: str
     reasoning: str = ""
     baseline: bool = False
+    parent: str = ""  # full sha of the commit the candidate is based on ("" for the baseline)
     rows: list = field(default_factory=list)  # one Row per finished run; status and notes are set at the end
     values: list = field(default_factory=list)  # val_bpb of each scored run
     seeds: list = field(default_factory=list)
@@ -55,18 +62,30 @@ class Trial:
         """The rows to record: every run gets the verdict; unscored runs lose their figures."""
         for row in self.rows:
             row.status, row.notes = status, notes
-            row.kind = "noise" if noise else ("confirm" if row.run > 0 else "")
+            if row.kind != SUPERSEDED:
+                row.kind = "noise" if noise else ("confirm" if row.run > 0 else "")
             if status not in ("keep", "discard"):
                 row.val_bpb, row.memory_gb = 0.0, 0.0
         return self.rows
 
 
 class InFlight:
-    """runs/pending-<tag>.json: the experiment in flight, if any."""
+    """runs/pending-<tag>.json: the experiment in flight, if any; with exp, runs/pending-<tag>-exp<N>.json: that
+    experiment, one of several in flight."""
 
-    def __init__(self, runs_dir, tag: str):
-        self.path = Path(runs_dir) / f"pending-{tag}.json"
-        self.tag = tag
+    def __init__(self, runs_dir, tag: str, exp: int | None = None):
+        self.path = Path(runs_dir) / (f"pending-{tag}.json" if exp is None else f"pending-{tag}-exp{exp}.json")
+        self.tag, self.exp = tag, exp
+
+    @staticmethod
+    def each(runs_dir, tag: str) -> list:
+        """The per-experiment markers of tag, by experiment number."""
+        found = []
+        for p in Path(runs_dir).glob(f"pending-{tag}-exp*.json"):
+            n = p.name[len(f"pending-{tag}-exp"):-len(".json")]
+            if n.isdigit():
+                found.append(InFlight(runs_dir, tag, int(n)))
+        return sorted(found, key=lambda m: m.exp)
 
     def save(self, trial: Trial) -> None:
         data = asdict(trial)
@@ -115,7 +134,8 @@ def judge(outcome: RunOutcome, touched: list, budget: float, allowance: float) -
 
 
 def make_row(exp: int, status: str, description: str, commit: str, outcome: RunOutcome | None, notes: str,
-             usage: Usage, *, dataset: str, tag: str, run: int = 0, seed: int | None = None, kind: str = "") -> Row:
+             usage: Usage, *, dataset: str, tag: str, run: int = 0, seed: int | None = None, kind: str = "",
+             parent: str = "", worker: str = "") -> Row:
     f = outcome.final if outcome else None
     scored = status in ("keep", "discard") and f is not None and f.ok
     tok_sec = None
@@ -135,7 +155,7 @@ def make_row(exp: int, status: str, description: str, commit: str, outcome: RunO
                chip=(f.chip if f else "") or "", dataset=dataset, seconds=outcome.seconds if outcome else None,
                notes=notes, tag=tag, llm_tokens=usage.tokens if usage.calls else None,
                llm_cost=usage.cost_usd if usage.calls else None, seed=seed, run=run, kind=kind,
-               eval_seconds=outcome.eval_seconds if outcome else None)
+               eval_seconds=outcome.eval_seconds if outcome else None, parent=parent[:7], worker=worker)
 
 
 def crash_text(exp: int, description: str, notes: str, tail) -> str:

@@ -369,6 +369,36 @@ class StatusPanel(Vertical):
                 static.update(lines[i])
 
 
+def slot_lines(views: list, selected: int) -> list:
+    """One line per slot (tui.events.SlotView): which experiment, how far, how fast, on which worker."""
+    lines = []
+    for v in views:
+        mark = "▸" if v.slot == selected else " "
+        if v.exp is None:
+            lines.append(Text.assemble(f"{mark} {v.worker:<16} ", ("idle", "dim")))
+            continue
+        label = f"exp{v.exp}" + (f" r{v.run}" if v.run else "")
+        tok = f"{v.tok_per_sec:,.0f} tok/s" if v.tok_per_sec else "- tok/s"
+        lines.append(Text.assemble(f"{mark} {v.worker:<16} ", (f"{label:<9}", "bold cyan"), f"{v.pct:5.1f}%  ",
+                                   f"{tok:>14}  ", (v.description, "dim")))
+    return lines
+
+
+class SlotsPanel(Static):
+    """The slots of --workers N > 1, the selected one marked (n selects the next; s stops its run). Hidden with a
+    single slot."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.views: list = []
+        self.selected = 1
+
+    def set_slots(self, views: list, selected: int) -> None:
+        self.views, self.selected = list(views), selected
+        self.display = len(self.views) > 1
+        self.update(Text("\n").join(slot_lines(self.views, selected)))
+
+
 # ---------------------------------------------------------------------------
 # Charts
 # ---------------------------------------------------------------------------

@@ -8,8 +8,10 @@ Invariants (each has a test with a real repository):
   that differs from the committed version is saved to runs/rescued-<time>-<script> and named in the log: an edit
   made while a run trained is never lost.
 - A commit subject "expN: revert (...)" is never taken for an experiment: a revert is never undone.
-- A script that holds a known secret (in any form the Redactor knows) is never committed: commit_script raises
-  SkipExperiment before anything is written. Rescue copies are redacted.
+- A script that holds a known secret (in any form the Redactor knows) is never committed: commit_script and
+  commit_candidate raise SkipExperiment before anything is written. Rescue copies are redacted.
+- With several slots (tui.slots) a candidate is committed beside the branch (commit_candidate: no work tree, no
+  branch change) and the branch moves only when one is kept (advance), under the same expect() check.
 """
 
 import re
@@ -74,14 +76,29 @@ class Workspace:
 
     def commit_script(self, source: str, message: str) -> str:
         """Write the new script and commit exactly that file; returns the new HEAD."""
-        if self.redact.finds(source):
-            raise SkipExperiment(f"the edit puts a secret (an API key or token the agent knows) into {self.script}: "
-                                 f"not committed")
+        self._check_secret(source)
         self.git.expect(self.branch, self.head)
         self._rescue_before("writing the next experiment")
         write_atomic(self.path, source)
         self.head = self.git.commit_file(self.script, message)
         return self.head
+
+    def _check_secret(self, source: str) -> None:
+        if self.redact.finds(source):
+            raise SkipExperiment(f"the edit puts a secret (an API key or token the agent knows) into {self.script}: "
+                                 f"not committed")
+
+    def commit_candidate(self, parent: str, source: str, message: str) -> str:
+        """Commit the new script on top of parent beside the branch (tui.git_repo.commit_on); returns its sha."""
+        self._check_secret(source)
+        return self.git.commit_on(parent, self.script, source.encode("utf-8"), message)
+
+    def advance(self, sha: str) -> None:
+        """A kept candidate (a child of the expected HEAD) becomes the branch and the work tree's script."""
+        self.git.expect(self.branch, self.head)
+        self._rescue_before("checking out the kept experiment")
+        self.git.advance_branch(self.branch, self.head, sha, self.script)
+        self.head = sha
 
     def revert(self, sha: str, message: str) -> None:
         """Undo experiment commit sha for the script (see GitRepo.revert_experiment)."""

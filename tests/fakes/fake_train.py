@@ -12,7 +12,8 @@ MODE "noisy" adds Gaussian noise (standard deviation AUTORESEARCH_FAKE_NOISE, de
 script's text: a re-run with another seed, or any edit (even a no-op line), draws new noise, as a real trainer would.
 EVAL_SLEEP = <seconds> in the block makes the fake evaluator take that long. With SEED_GATES = True in the block,
 a file runs/slow-seed-<seed> makes the run with that seed slow (for kill tests) and runs/crash-seed-<seed> makes it
-crash.
+crash. SLOW_GATE = "<name>" in the block makes the run slow while the file <name> exists in $AUTORESEARCH_FAKE_GATES
+(runs/ by default).
 """
 
 import json
@@ -55,6 +56,9 @@ if MODE == "hang":
     with open(os.path.join(RUN_DIR, "grandchild.pid"), "w") as f:
         f.write(str(child.pid))
 if globals().get("SEED_GATES") and os.path.exists(os.path.join("runs", f"slow-seed-{seed}")):
+    STEP_SLEEP, STEPS = 0.5, 400
+if globals().get("SLOW_GATE") and os.path.exists(os.path.join(os.environ.get("AUTORESEARCH_FAKE_GATES", "runs"),
+                                                               SLOW_GATE)):
     STEP_SLEEP, STEPS = 0.5, 400
 if globals().get("SEED_GATES") and os.path.exists(os.path.join("runs", f"crash-seed-{seed}")):
     MODE = "crash"
