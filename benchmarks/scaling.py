@@ -3,7 +3,7 @@ Scaling of parallel slots: experiments per hour at 1, 2, 4 and 8 slots, and the 
 
     uv run benchmarks/scaling.py                          # 1 2 4 8 slots, 3 s runs, 6 rounds each (~3 min)
     uv run benchmarks/scaling.py --slots 1 2 --seconds 5 --rounds 4
-    uv run benchmarks/scaling.py --executor ray           # through the Ray executor, when this checkout has one
+    uv run benchmarks/scaling.py --executor ray           # through the Ray executor (a cluster must be running)
 
 The real engine (tui.orchestrator with tui.slots: git commits on their own refs, results.tsv, the keep rule, the
 sealed evaluation, the sandbox) drives a trainer stand-in of fixed duration: tests/fakes/fake_train.py, a real
@@ -55,7 +55,8 @@ class Clock(AgentListener):
             self.last = time.monotonic()
 
 
-def measure(slots: int, seconds: float, rounds: int, executor_name: str, sandbox: str, work: Path) -> dict:
+def measure(slots: int, seconds: float, rounds: int, executor_name: str, sandbox: str, work: Path,
+            ray_address: str = "auto") -> dict:
     repo = agent_repo(work / f"repo{slots}")
     candidates = slots * rounds
     server = FakeLLMServer("anthropic").start()
@@ -65,20 +66,14 @@ def measure(slots: int, seconds: float, rounds: int, executor_name: str, sandbox
                                               extra=f"NULL_EDIT = {k}")))
         os.environ.setdefault("ANTHROPIC_API_KEY", "sk-ant-api03-BENCH-0123456789abcdef")
         cfg = make_config(repo, server, max_experiments=candidates + 1, workers=slots, sandbox=sandbox,
-                          timeout=seconds + 120, time_budget=seconds, max_consecutive_crashes=0)
-        executor = None
-        if executor_name == "ray":
-            try:
-                from tui.ray_executor import RayExecutor
-            except ImportError:
-                sys.exit("--executor ray: this checkout has no tui/ray_executor.py yet")
-            executor = RayExecutor(repo)  # the hook: adapt to the Ray executor's constructor once it lands
+                          timeout=seconds + 120, time_budget=seconds, max_consecutive_crashes=0,
+                          executor=executor_name, ray_address=ray_address)
         clock = Clock()
         # the baseline's own run is not timed: it trains alone, before any candidate
         (repo / "train.py").write_text((repo / "train.py").read_text().replace(
             "STEP_SLEEP = 0.0", f"STEP_SLEEP = {seconds / STEPS}"))
         git(repo, "commit", "-qam", "fixed-duration trainer")
-        summary = Orchestrator(cfg, [clock], executor=executor).run()
+        summary = Orchestrator(cfg, [clock]).run()
     finally:
         server.stop()
     if not summary.ok:
@@ -97,12 +92,13 @@ def main():
     ap.add_argument("--seconds", type=float, default=3.0, help="how long each run trains (sleeps)")
     ap.add_argument("--rounds", type=int, default=6, help="candidates per slot")
     ap.add_argument("--executor", choices=("local", "ray"), default="local")
+    ap.add_argument("--ray-address", default="auto", help="with --executor ray: the cluster (default: auto)")
     ap.add_argument("--sandbox", default="auto", help="tui.sandbox choice for the runs (default: auto)")
     args = ap.parse_args()
     results = []
     with tempfile.TemporaryDirectory(prefix="ar-scaling-") as tmp:
         for n in args.slots:
-            r = measure(n, args.seconds, args.rounds, args.executor, args.sandbox, Path(tmp))
+            r = measure(n, args.seconds, args.rounds, args.executor, args.sandbox, Path(tmp), args.ray_address)
             results.append(r)
             print(f"  {n} slot{'s' if n > 1 else ''}: {r['candidates']} experiments in {r['elapsed']:.1f}s",
                   flush=True)
