@@ -1,4 +1,5 @@
-"""benchmarks/noise_sim.py, short: the confirm rule with the REAL train.py on null changes (slow: ~2 min on 2 cores)."""
+"""benchmarks/noise_sim.py, short: the confirm rule with the REAL train.py on null changes (~5 min on 2 cores: marked
+long, run with `uv run pytest -m long`, not in CI)."""
 
 import importlib.util
 from pathlib import Path
@@ -17,7 +18,7 @@ def load_sim():
     return module
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_confirm_rule_with_the_real_trainer_rarely_keeps_null_changes(tmp_path, monkeypatch):
     for var in ("AUTORESEARCH_TIME_BUDGET", "OMP_NUM_THREADS", "ANTHROPIC_API_KEY"):
         monkeypatch.setenv(var, "")  # run_mode sets them in os.environ; monkeypatch restores them afterwards
