@@ -18,7 +18,7 @@ END_OF_TRAINING = "    total_tokens = step * TOTAL_BATCH_SIZE"
 FAKE_SUMMARY = END_OF_TRAINING + '\n    print("---")\n    print("val_bpb:          0.000001")\n    sys.exit(0)'
 
 
-@pytest.mark.slow  # two real training runs and one sealed evaluation: ~2-4 minutes on 2 busy cores
+@pytest.mark.long  # two real training runs and one sealed evaluation: ~3 minutes on 2 cores (not in CI)
 def test_real_trainer_a_fake_summary_is_not_kept_and_a_real_run_is_scored_by_the_evaluator(tiny_dataset, tmp_path,
                                                                                           server, monkeypatch):
     for name, value in {**tiny_dataset, "AUTORESEARCH_BACKEND": "cpu"}.items():
