@@ -251,7 +251,7 @@ async def test_watch_shows_every_slot_of_a_running_headless_agent(tmp_path):
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.slow  # four real training runs of 2 s, two at a time, with their sealed evaluations: ~2-4 min
+@pytest.mark.long  # four real training runs of 2 s, two at a time, with their sealed evaluations: ~2-4 min (not in CI)
 def test_real_trainer_on_two_cpu_slots(tiny_dataset, tmp_path, server, monkeypatch):
     for name, value in {**tiny_dataset, "AUTORESEARCH_BACKEND": "cpu"}.items():
         monkeypatch.setenv(name, value)
