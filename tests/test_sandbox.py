@@ -26,7 +26,7 @@ USER_HOME = pwd.getpwuid(os.getuid()).pw_dir  # the user's home directory, whate
 
 # Tries everything a hostile edit would try, and prints one JSON line of what worked.
 PROBE = r'''
-import errno, json, os, socket, sys
+import errno, json, os, socket, sys, sysconfig
 
 def attempt(fn):
     try:
@@ -72,6 +72,9 @@ report = {
     "cap_eff": cap_eff(),
     # only where it must fail: unsandboxed, as root, this would really write a kernel setting
     "sysctl_write": attempt(lambda: write("/proc/sys/vm/drop_caches")) if os.environ.get("PROBE_SYSCTL") else None,
+    # a .pth runs at every start of Python (the agent's too); only where it must fail, like the line above
+    "site_write": attempt(lambda: write(os.path.join(sysconfig.get_paths()["purelib"], "probe-planted.pth")))
+    if os.environ.get("PROBE_SYSCTL") else None,
 }
 print("PROBE " + json.dumps(report))
 '''
@@ -135,6 +138,21 @@ def test_a_run_in_bubblewrap_reaches_only_its_own_directory_and_the_data(world):
     assert r["network"] in ("ENETUNREACH", "ECONNREFUSED", "EHOSTUNREACH")
     assert r["pid"] <= 3 and r["agent_visible"] == "ESRCH"  # its own PID namespace
     assert r["cap_eff"] == "0000000000000000" and r["sysctl_write"] in ("EROFS", "EACCES")  # even as root
+    assert r["site_write"] == "EROFS"  # which is why the agent does not scan site-packages around sandboxed runs
+
+
+@needs_bwrap
+def test_site_packages_are_scanned_around_runs_only_when_they_are_not_sandboxed(tmp_path, server):
+    """The integrity snapshot of ~16,000 installed files, taken before and compared after every run, costs a
+    noticeable share of an experiment's overhead; a bubblewrap run cannot write there (the probe above), so it is
+    skipped then, and the startup log says so."""
+    for choice, scanned in (("auto", False), ("none", True)):
+        repo = agent_repo(tmp_path / choice)
+        rec = Recorder()
+        assert Orchestrator(make_config(repo, server, max_experiments=1, sandbox=choice), [rec]).run().ok
+        line = next(m for m in rec.logs("info") if m.startswith("integrity snapshot"))
+        assert ("code files in" in line) == scanned
+        assert ("read-only to the sandboxed runs: not scanned" in line) == (not scanned)
 
 
 def test_without_a_sandbox_the_probe_reaches_everything(world):

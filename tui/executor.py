@@ -84,6 +84,10 @@ class RunHandle:
 
 
 class Executor:
+    # True when a run can write nowhere but its run directory and none of its processes outlives it (bubblewrap):
+    # then nothing outside the run directory can have changed because of it (tui.integrity skips its site scan)
+    confined = False
+
     def prepare(self, log) -> None:
         """At startup, before any run: check what the runs will need, and say in the log (log(message, level)) what
         they can reach. Raises ExecutorError when runs cannot be carried out as configured."""
@@ -167,6 +171,10 @@ class LocalExecutor(Executor):
             except SandboxError as e:
                 raise ExecutorError(str(e)) from None
         return self._sandbox
+
+    @property
+    def confined(self) -> bool:
+        return self.sandbox.kind == "bwrap"
 
     def prepare(self, log) -> None:
         level, message = self.sandbox.describe()

@@ -113,7 +113,7 @@ def site_dirs() -> list:
 
 
 class Integrity:
-    def __init__(self, repo, protected, workspace, results, runs_dir, redact):
+    def __init__(self, repo, protected, workspace, results, runs_dir, redact, site: bool = True):
         self.repo = Path(repo).resolve()
         self.protected = tuple(protected)
         self.workspace = workspace  # Workspace: the script, its commits (and git), the rescue of an edit
@@ -123,6 +123,10 @@ class Integrity:
         self.runs_dir = Path(runs_dir)
         self.redact = redact  # Redactor: what is saved to the quarantine carries no secret
         self.sites: list = []
+        # site=False: the runs are confined (bubblewrap: everything but their run directory is read-only to them and
+        # no process of theirs outlives them), so site-packages cannot change because of a run and its ~16,000 files
+        # are not scanned before and after each run
+        self.scan_site = site
         # guarded files: in the work tree (protected, the agent's own code) and in .git (hooks, config), each as
         # ({absolute path: (bytes, mode)}, [directories where a new file is removed])
         self._worktree: tuple = ({}, [])
@@ -148,7 +152,7 @@ class Integrity:
         for pyc in self._find_bytecode():
             os.unlink(pyc)
         self._site = {}
-        for root in self.sites:
+        for root in self.sites if self.scan_site else ():
             self._site.update(scan_files(root, CODE_SUFFIXES + BYTECODE_SUFFIXES))
         self._pth = {p: _sha256(p) for p in self._site if p.endswith(".pth")}
         return self
@@ -166,22 +170,33 @@ class Integrity:
     def describe(self) -> str:
         guarded = len(self._worktree[0]) + len(self._gitdir[0])
         names = ", ".join(self.protected)
-        return (f"{guarded} guarded files ({names}, the agent's own code, .git hooks and config) and "
-                f"{len(self._site)} code files in {', '.join(map(str, self.sites)) or 'no site-packages'}")
+        sites = ', '.join(map(str, self.sites)) or 'no site-packages'
+        site = (f"{len(self._site)} code files in {sites}" if self.scan_site else
+                f"{sites} (read-only to the sandboxed runs: not scanned)")
+        return f"{guarded} guarded files ({names}, the agent's own code, .git hooks and config) and {site}"
 
     def _guarded_code(self, dirs: list) -> list:
         """Protected single files, and the agent's own modules that live in the repository (outside site-packages
         and the protected directories): a run that rewrote them would run its code in the next agent."""
         out = [self.repo / n for n in self.protected if (self.repo / n).is_file()]
+        inside = str(self.repo) + os.sep
+        outside = tuple(str(d) + os.sep for d in dirs + self.sites)  # string prefixes: thousands of modules
+        script = str(self.repo / self.script)
+        real_dirs: dict = {}  # ... share a few hundred directories: resolve each directory once
         for module in list(sys.modules.values()):
             f = getattr(module, "__file__", None)
-            if not f or not f.endswith(".py"):
+            if not f or not f.endswith(".py") or not os.path.isabs(f):  # torch.ops' "_ops.py" is no file
                 continue
-            p = Path(f).resolve()
-            if (p.is_relative_to(self.repo) and p != self.repo / self.script and p not in out
-                    and not any(p.is_relative_to(d) for d in dirs + self.sites)):
-                out.append(p)
-        return sorted(out)
+            if os.path.islink(f):
+                real = os.path.realpath(f)
+            else:
+                d, name = os.path.split(f)
+                if d not in real_dirs:
+                    real_dirs[d] = os.path.realpath(d)
+                real = os.path.join(real_dirs[d], name)
+            if real.startswith(inside) and not real.startswith(outside) and real != script:
+                out.append(Path(real))
+        return sorted(set(out))
 
     @staticmethod
     def _tree_files(root: Path) -> list:
@@ -292,6 +307,8 @@ class Integrity:
                     self._remove(path, r, "new: removed", save=True)
 
     def _check_site(self, r: Repair) -> None:
+        if not self.scan_site:
+            return
         now = {}
         for root in self.sites:
             now.update(scan_files(root, CODE_SUFFIXES + BYTECODE_SUFFIXES))

@@ -228,7 +228,7 @@ class Orchestrator:
         except ExecutorError as e:
             raise FatalError(str(e)) from None
         self.session = open_session(self.cfg, self.git, self.results, self.inflight, self.proposer, self.status,
-                                    self._log)
+                                    self._log, confined=self.executor.confined)
         self.rows = self.session.rows
         self._lock_held = True
         self._refresh_stats()

@@ -44,7 +44,7 @@ class Session:
 
 
 def open_session(cfg: AgentConfig, git: GitRepo, results: ResultsFile, inflight: InFlight, proposer, status,
-                 log) -> Session:
+                 log, confined: bool = False) -> Session:
     status.set(State.INITIALIZING, f"repository {cfg.repo}, tag {cfg.tag}")
     if not git.is_repo():
         raise FatalError(f"{cfg.repo} is not a git repository: run the agent inside your autoresearch checkout")
@@ -56,13 +56,13 @@ def open_session(cfg: AgentConfig, git: GitRepo, results: ResultsFile, inflight:
     except LockHeld as e:
         raise FatalError(str(e)) from None
     try:
-        return _open(cfg, git, results, inflight, proposer, status, log, script, backend, lock)
+        return _open(cfg, git, results, inflight, proposer, status, log, script, backend, lock, confined)
     except BaseException:
         lock.release()
         raise
 
 
-def _open(cfg, git, results, inflight, proposer, status, log, script, backend, lock) -> Session:
+def _open(cfg, git, results, inflight, proposer, status, log, script, backend, lock, confined) -> Session:
     _kill_leftover_trainer(lock.previous, cfg.kill_grace, log)
     dirty = _foreign_changes(cfg, git, script)
     if dirty:
@@ -109,7 +109,8 @@ def _open(cfg, git, results, inflight, proposer, status, log, script, backend, l
             raise FatalError(f"{script}: {e}") from None
     hardware, backend = _detect_hardware(cfg, backend)
     t0 = time.perf_counter()
-    integrity = Integrity(cfg.repo, cfg.protected, ws, results, cfg.runs_dir, proposer.redact).take()
+    integrity = Integrity(cfg.repo, cfg.protected, ws, results, cfg.runs_dir, proposer.redact,
+                          site=not confined).take()
     log(f"integrity snapshot ({time.perf_counter() - t0:.2f}s): {integrity.describe()}; a run that changes them is "
         f"a crash", "info")
     return Session(script, lock, ws, integrity, rows, resume, requeue, _last_crash(cfg, rows, proposer.redact),
