@@ -248,10 +248,3 @@ class GitRepo:
         rescues and restores), with old as the expected value so a concurrent move fails."""
         self.restore_file(new, path)
         self.run("update-ref", "-m", "autoresearch: keep", f"refs/heads/{branch}", new, old)
-
-    def archive(self, rev: str) -> bytes:
-        """The tracked files of rev as a tar stream (what a run outside the work tree gets)."""
-        p = self._git(["archive", "--format=tar", rev])
-        if p.returncode != 0:
-            raise GitError(f"git archive {rev} failed: {p.stderr.decode(errors='replace').strip()}")
-        return p.stdout
