@@ -24,7 +24,7 @@ from trainer_fixtures import TINY_MODEL, edit_hparams, tiny_dataset  # noqa: F40
 from tui.app import DashboardApp
 from tui.config import AgentConfig, ConfigError
 from tui.credentials import is_child_hidden
-from tui.devices import plan_slots
+from tui.devices import plan_slots, shared_device_problem
 from tui.events import SlotView
 from tui.orchestrator import Orchestrator
 from tui.results import ResultsFile, summarize
@@ -290,3 +290,15 @@ def test_slots_use_one_device_class_and_split_the_cores(tmp_path):
                                                                     {"CUDA_VISIBLE_DEVICES": "1"}]
     assert {p.env["OMP_NUM_THREADS"] for p in plan_slots(4, (), cpu_count=8)} == {"2"}
     assert plan_slots(1, ())[0].env == {}  # one slot: the run's environment is as it always was
+
+
+def test_local_slots_never_share_one_accelerator(tmp_path):
+    """--workers N without --devices splits a CPU's cores; on one GPU the runs would slow each other down and the
+    numbers would measure that, so it is refused with what to do instead."""
+    assert "one slot per Mac" in shared_device_problem(2, (), "mlx", apple=True)
+    assert "one slot per Mac" in shared_device_problem(2, (), "mps", apple=True)
+    assert "--devices cuda:0,cuda:1,cuda:2" in shared_device_problem(3, (), "cuda", apple=False)
+    assert shared_device_problem(2, (), "cpu", apple=False) == ""
+    assert shared_device_problem(2, (), "mlx", apple=False) == ""  # MLX on a Linux CPU splits the cores
+    assert shared_device_problem(2, ("cuda:0", "cuda:1"), "cuda", apple=False) == ""
+    assert shared_device_problem(1, (), "mlx", apple=True) == ""  # the default: one slot

@@ -53,6 +53,20 @@ def devices_problem(devices) -> str:
     return ""
 
 
+def shared_device_problem(workers: int, devices, backend: str | None, apple: bool) -> str:
+    """One line when --workers N (no --devices) would put every local slot on one accelerator: the runs would slow
+    each other down and measure that. CPU slots split the cores instead; devices name one accelerator per slot."""
+    if workers <= 1 or devices:
+        return ""
+    if apple and backend in ("mlx", "mps"):
+        return (f"--workers {workers} on Apple Silicon: every slot would train on the one GPU; run one slot per Mac "
+                f"(for more Macs: --executor ray, one node per Mac)")
+    if backend == "cuda":
+        return (f"--workers {workers} without --devices on a CUDA machine: every slot would train on cuda:0; name "
+                f"one GPU per slot, e.g. --devices {','.join(f'cuda:{i}' for i in range(workers))}")
+    return ""
+
+
 def plan_slots(workers: int, devices=(), cpu_count: int | None = None) -> list:
     """The slots, in order. With devices, one per device; otherwise `workers` slots sharing the machine's cores."""
     if devices:

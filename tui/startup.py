@@ -16,6 +16,7 @@ from pathlib import Path
 
 from tui.config import AgentConfig
 from tui.controls import FatalError
+from tui.devices import shared_device_problem
 from tui.events import State
 from tui.git_repo import GitError, GitRepo
 from tui.integrity import Integrity
@@ -51,6 +52,10 @@ def open_session(cfg: AgentConfig, git: GitRepo, results: ResultsFile, inflight:
     if not git.has_commits():
         raise FatalError("the repository has no commits yet: commit the training script first")
     script, backend = resolve_script(cfg)
+    if cfg.executor == "local" and cfg.workers > 1 and not cfg.devices:
+        problem = shared_device_problem(cfg.workers, cfg.devices, *_backend_here(backend))
+        if problem:
+            raise FatalError(problem)
     try:
         lock = AgentLock(cfg.repo / LOCK_NAME).acquire()
     except LockHeld as e:
@@ -115,6 +120,16 @@ def _open(cfg, git, results, inflight, proposer, status, log, script, backend, l
         f"a crash", "info")
     return Session(script, lock, ws, integrity, rows, resume, requeue, _last_crash(cfg, rows, proposer.redact),
                    hardware, backend)
+
+
+def _backend_here(backend: str | None) -> tuple:
+    """(the backend the runs use, whether this is Apple Silicon); the backend is detected when --script chose the
+    script, None when it cannot be told."""
+    try:
+        from backends.hardware import detect_backend, is_apple_silicon
+        return backend or detect_backend(), is_apple_silicon()
+    except Exception:  # BackendUnavailable, or no backends package: shared_device_problem has nothing to say
+        return backend, False
 
 
 def resolve_script(cfg: AgentConfig) -> tuple:
