@@ -28,7 +28,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]
 from throughput import BACKEND_SCRIPTS, ROOT, edit_block, parse_run_options, prepare_corpus  # noqa: E402
 from tui.executor import RunSpec  # noqa: E402
-from tui.sealed import Evaluator  # noqa: E402
+from tui.sealed import PYCACHE, Evaluator  # noqa: E402
 
 WARM_IMPORTS = """
 import torch
@@ -102,7 +102,7 @@ def measure(backend, env, budget, settings, workdir):
     sealed = []
     for _ in ("cold", "warm"):
         t0 = time.monotonic()
-        e = subprocess.run(evaluator.argv(spec), input=evaluator.source, cwd=ROOT, env=spec.env,
+        e = subprocess.run(evaluator.argv(spec, work / PYCACHE), input=evaluator.source, cwd=ROOT, env=spec.env,
                            capture_output=True, timeout=1800)
         if e.returncode != 0:
             sys.exit(f"error: the sealed evaluation failed:\n{e.stderr.decode(errors='replace')[-1500:]}")

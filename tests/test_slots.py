@@ -302,3 +302,35 @@ def test_local_slots_never_share_one_accelerator(tmp_path):
     assert shared_device_problem(2, (), "mlx", apple=False) == ""  # MLX on a Linux CPU splits the cores
     assert shared_device_problem(2, ("cuda:0", "cuda:1"), "cuda", apple=False) == ""
     assert shared_device_problem(1, (), "mlx", apple=True) == ""  # the default: one slot
+
+
+# exp2's trainer waits for exp1's evaluation, then rewrites the evaluators' cached json module to report a record
+POISON_DURING_AN_EVALUATION = r'''
+import glob, marshal
+_work = os.path.dirname(os.environ["AUTORESEARCH_RUN_DIR"])
+_deadline = time.time() + 15
+while time.time() < _deadline and not any(
+        b"--evaluate" in open(p, "rb").read() and _work.encode() in open(p, "rb").read()
+        for p in glob.glob("/proc/[0-9]*/cmdline") if os.path.exists(p)):
+    time.sleep(0.01)
+for _pyc in glob.glob(_work + "/.pycache/**/json/__init__.*.pyc", recursive=True, include_hidden=True):
+    _head = open(_pyc, "rb").read(16)  # magic, flags, source mtime and size: the header stays valid
+    _code = compile("import sys\nprint('{\"val_bpb\": 1e-06, \"tokens\": 1, \"seconds\": 0}')\nsys.exit(0)\n",
+                    "json", "exec")
+    open(_pyc, "wb").write(_head + marshal.dumps(_code))
+time.sleep(1.5)  # ends after exp1's evaluation has ended and recorded the cache
+'''
+
+
+def test_without_a_sandbox_a_slot_cannot_poison_another_slots_evaluation_cache(repo, server):
+    """Several slots, no sandbox: a run trains while another slot's evaluation uses the evaluators' bytecode cache, so
+    a listing recorded after that evaluation would bless what the run wrote meanwhile, and the next evaluation would
+    run it. Each evaluation gets a private cache instead."""
+    poison = file_answer([("STEP_SLEEP = 0.1", "STEP_SLEEP = 0.1\n" + POISON_DURING_AN_EVALUATION)],
+                         description="a much better model")
+    server.push(server.text(WORSE), server.text(poison))
+    summary, rec = run_slots(repo, server, max_experiments=3)
+    assert summary.ok, summary.reason
+    assert {(x.exp, x.status) for x in rows(repo)} == {(0, "keep"), (1, "discard"), (2, "discard")}
+    assert all(x.val_bpb > 0.5 for x in rows(repo))
+    assert not (repo / "runs" / "work" / ".pycache").exists()

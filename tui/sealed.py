@@ -12,7 +12,9 @@ A trainer run by the engine gets AUTORESEARCH_RUN_DIR (RunSpec.run_dir) and expo
   pycache prefix sends every other .pyc lookup to a directory only evaluators write, so no __pycache__ left anywhere
   by a trainer is read (the prefix persists so that torch's modules are compiled once, not for every evaluation);
 - the pycache prefix is kept from one evaluation to the next (BytecodeCache) and emptied when anything but an
-  evaluator changed it;
+  evaluator changed it; under bubblewrap no run can write it, so it is not checked (and evaluations that overlap,
+  with several slots, share it); without a sandbox and with several slots, a run could rewrite it while another
+  slot's evaluation is using it, so each evaluation gets a fresh private prefix in its run directory instead;
 - the environment is the run's (tui.executor.run_env: the allow-list), the working directory the repository;
 - the evaluator prints one JSON line {"val_bpb", "tokens", "seconds", "model"}, or exits non-zero with a one-line
   error, which becomes the run's crash note.
@@ -57,16 +59,18 @@ class BytecodeCache:
     back) is recorded after each evaluation and compared before the next: any difference empties it. The record lives
     in the agent's memory only, so the first evaluation of a session starts from an empty cache."""
 
-    def __init__(self, path):
+    def __init__(self, path, guarded: bool = True):
         self.path = Path(path)
+        self.guarded = guarded  # False: no run can write it (bubblewrap), nothing to check
         self._seen: dict | None = None
 
     def check(self) -> None:
-        if self._seen is None or scan_files(self.path) != self._seen:
+        if self.guarded and (self._seen is None or scan_files(self.path) != self._seen):
             remove_tree(self.path)
 
     def record(self) -> None:
-        self._seen = scan_files(self.path)
+        if self.guarded:
+            self._seen = scan_files(self.path)
 
 
 class Evaluator:
@@ -74,14 +78,14 @@ class Evaluator:
 
     def __init__(self, repo, cache: BytecodeCache | None = None):
         self.repo = Path(repo)
-        self.cache = cache  # None: a fresh prefix for every evaluation
+        self.cache = cache  # None: a fresh private prefix for every evaluation, in its run directory
         try:
             self.source: bytes | None = (self.repo / EVALUATOR).read_bytes()
         except OSError:
             self.source = None
 
-    def argv(self, spec) -> list:
-        prefix = Path(spec.run_dir).parent / PYCACHE
+    @staticmethod
+    def argv(spec, prefix: Path) -> list:
         return [spec.python, "-I", "-X", f"pycache_prefix={prefix}", "-", "--evaluate", str(spec.run_dir)]
 
     def evaluate(self, spec, kill_grace: float, should_stop=None) -> SealedResult | str:
@@ -89,12 +93,12 @@ class Evaluator:
         if self.source is None:
             return f"sealed evaluation impossible: there was no {EVALUATOR} in {self.repo} when the run started"
         kwargs = {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP} if IS_WINDOWS else {"start_new_session": True}
-        cache = self.cache or BytecodeCache(Path(spec.run_dir).parent / PYCACHE)
+        cache = self.cache or BytecodeCache(Path(spec.run_dir) / f"{PYCACHE}-{os.urandom(8).hex()}")
         cache.check()
         t0 = time.monotonic()
         try:
             # in a session of its own like a run's leader: another slot's sweep must not take it for an orphan
-            proc = spawn_leader(self.argv(spec), cwd=self.repo, env=spec.env, stdin=subprocess.PIPE,
+            proc = spawn_leader(self.argv(spec, cache.path), cwd=self.repo, env=spec.env, stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
         except OSError as e:
             return f"sealed evaluation impossible: cannot start {spec.python}: {e}"
