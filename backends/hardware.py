@@ -323,6 +323,12 @@ def probe_cpu():
             "vector_extensions": exts, "system_memory_gb": psutil.virtual_memory().total / 2**30}
 
 
+def nvidia_gpu_names():
+    """The NVIDIA GPUs' model names in nvidia-smi's order (PCI bus order), [] without nvidia-smi."""
+    return [g["name"] for g in parse_nvidia_smi(_run("nvidia-smi", "--query-gpu=name,memory.total,compute_cap",
+                                                     "--format=csv,noheader"))]
+
+
 def probe_gpu():
     """GPU fields from torch.cuda (NVIDIA or ROCm), else from nvidia-smi, else None."""
     try:

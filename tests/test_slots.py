@@ -24,7 +24,7 @@ from trainer_fixtures import TINY_MODEL, edit_hparams, tiny_dataset  # noqa: F40
 from tui.app import DashboardApp
 from tui.config import AgentConfig, ConfigError
 from tui.credentials import is_child_hidden
-from tui.devices import plan_slots, shared_device_problem
+from tui.devices import gpu_models_problem, plan_slots, shared_device_problem
 from tui.events import SlotView
 from tui.orchestrator import Orchestrator
 from tui.results import ResultsFile, summarize
@@ -286,8 +286,9 @@ def test_slots_use_one_device_class_and_split_the_cores(tmp_path):
     with pytest.raises(ConfigError, match="--workers 3 but --devices names 2"):
         AgentConfig(repo=tmp_path, workers=3, devices="cuda:0,cuda:1").resolved()
     assert AgentConfig(repo=tmp_path, devices="cuda:0, cuda:1").resolved().workers == 2
-    assert [p.env for p in plan_slots(2, ("cuda:0", "cuda:1"))] == [{"CUDA_VISIBLE_DEVICES": "0"},
-                                                                    {"CUDA_VISIBLE_DEVICES": "1"}]
+    assert [p.env for p in plan_slots(2, ("cuda:0", "cuda:1"))] == [
+        {"CUDA_VISIBLE_DEVICES": "0", "CUDA_DEVICE_ORDER": "PCI_BUS_ID"},  # numbered as nvidia-smi numbers them
+        {"CUDA_VISIBLE_DEVICES": "1", "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}]
     assert {p.env["OMP_NUM_THREADS"] for p in plan_slots(4, (), cpu_count=8)} == {"2"}
     assert plan_slots(1, ())[0].env == {}  # one slot: the run's environment is as it always was
 
@@ -334,3 +335,22 @@ def test_without_a_sandbox_a_slot_cannot_poison_another_slots_evaluation_cache(r
     assert {(x.exp, x.status) for x in rows(repo)} == {(0, "keep"), (1, "discard"), (2, "discard")}
     assert all(x.val_bpb > 0.5 for x in rows(repo))
     assert not (repo / "runs" / "work" / ".pycache").exists()
+
+
+def test_gpus_of_different_models_are_refused_with_their_names(repo, server, tmp_path, monkeypatch):
+    """cuda:0 and cuda:1 are one class but may be an H100 and an A10: their numbers are not comparable. The names
+    come from nvidia-smi (here a script on PATH standing in for it, as on a machine with two different GPUs)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 'NVIDIA H100 80GB HBM3, 81559 MiB, 9.0'\n"
+                                        "echo 'NVIDIA A10, 23028 MiB, 8.6'\n"
+                                        "echo 'NVIDIA A10, 23028 MiB, 8.6'\n")
+    (bin_dir / "nvidia-smi").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    cfg = make_config(repo, server, max_experiments=2, devices="cuda:0,cuda:1", sandbox="none")
+    summary = Orchestrator(cfg, [Recorder()]).run()
+    assert not summary.ok
+    assert summary.reason == ("--devices mixes GPU models: cuda:0 (NVIDIA H100 80GB HBM3), cuda:1 (NVIDIA A10); "
+                              "results of different GPUs are not comparable: give GPUs of one model")
+    assert git(repo, "branch", "--list", "autoresearch/*").strip() == ""  # refused before touching the repository
+    assert gpu_models_problem(("cuda:1", "cuda:2"), ["NVIDIA H100 80GB HBM3", "NVIDIA A10", "NVIDIA A10"]) == ""

@@ -1,14 +1,15 @@
 """The slots of --workers N / --devices LIST: which device each slot trains on, and the environment that pins it there.
 
     --devices cuda:0,cuda:1    one slot per device; each run sees only its GPU (CUDA_VISIBLE_DEVICES, or
-                               HIP_VISIBLE_DEVICES for rocm:K), so the trainer's "cuda" is that device
+                               HIP_VISIBLE_DEVICES for rocm:K), so the trainer's "cuda" is that device; CUDA
+                               numbers them in nvidia-smi's order (CUDA_DEVICE_ORDER=PCI_BUS_ID)
     --workers N (no devices)   N slots on the same machine; on a CPU they split the cores: each run gets
                                cores // N threads through the thread settings of the frameworks (OMP_NUM_THREADS,
                                which torch reads at import, MKL_NUM_THREADS, OPENBLAS_NUM_THREADS, VECLIB_MAXIMUM_THREADS)
 
 Results from different device classes are not comparable (a keep measured on one GPU model says nothing on another),
 so one tag uses one class: devices_problem() says which devices were mixed. The class is what comes before ":"
-("cuda:1" -> cuda); GPUs of one class but different models are not told apart (not checked here).
+("cuda:1" -> cuda); NVIDIA GPUs of different models are told apart by their nvidia-smi names (gpu_models_problem).
 """
 
 import os
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS")
 VISIBLE_VAR = {"cuda": "CUDA_VISIBLE_DEVICES", "rocm": "HIP_VISIBLE_DEVICES"}
+ORDER = {"cuda": {"CUDA_DEVICE_ORDER": "PCI_BUS_ID"}}  # CUDA's default order (fastest first) is not nvidia-smi's
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,20 @@ def devices_problem(devices) -> str:
     return ""
 
 
+def gpu_models_problem(devices, names: list) -> str:
+    """One line when the cuda:K devices are GPUs of different models (names: nvidia-smi's, in its order)."""
+    models = {}
+    for d in devices:
+        cls, _, index = d.partition(":")
+        if cls.lower() == "cuda" and index.isdigit() and int(index) < len(names):
+            models[d] = names[int(index)]
+    if len(set(models.values())) <= 1:
+        return ""
+    listed = ", ".join(f"{d} ({m})" for d, m in models.items())
+    return (f"--devices mixes GPU models: {listed}; results of different GPUs are not comparable: give GPUs of one "
+            f"model")
+
+
 def shared_device_problem(workers: int, devices, backend: str | None, apple: bool) -> str:
     """One line when --workers N (no --devices) would put every local slot on one accelerator: the runs would slow
     each other down and measure that. CPU slots split the cores instead; devices name one accelerator per slot."""
@@ -73,7 +89,8 @@ def plan_slots(workers: int, devices=(), cpu_count: int | None = None) -> list:
         plans = []
         for i, d in enumerate(devices, 1):
             cls, _, index = d.partition(":")
-            env = {VISIBLE_VAR[cls.lower()]: index} if cls.lower() in VISIBLE_VAR and index else {}
+            env = {VISIBLE_VAR[cls.lower()]: index, **ORDER.get(cls.lower(), {})} if (
+                cls.lower() in VISIBLE_VAR and index) else {}
             plans.append(SlotPlan(i, d, env))
         return plans
     if workers <= 1:

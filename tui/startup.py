@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tui.config import AgentConfig
 from tui.controls import FatalError
-from tui.devices import shared_device_problem
+from tui.devices import gpu_models_problem, shared_device_problem
 from tui.events import State
 from tui.git_repo import GitError, GitRepo
 from tui.integrity import Integrity
@@ -52,8 +52,12 @@ def open_session(cfg: AgentConfig, git: GitRepo, results: ResultsFile, inflight:
     if not git.has_commits():
         raise FatalError("the repository has no commits yet: commit the training script first")
     script, backend = resolve_script(cfg)
-    if cfg.executor == "local" and cfg.workers > 1 and not cfg.devices:
-        problem = shared_device_problem(cfg.workers, cfg.devices, *_backend_here(backend))
+    if cfg.executor == "local":
+        problem = shared_device_problem(cfg.workers, cfg.devices, *_backend_here(backend)) if (
+            cfg.workers > 1) else ""
+        if not problem and len(cfg.devices) > 1 and any(d.startswith("cuda:") for d in cfg.devices):
+            from backends.hardware import nvidia_gpu_names
+            problem = gpu_models_problem(cfg.devices, nvidia_gpu_names())
         if problem:
             raise FatalError(problem)
     try:
