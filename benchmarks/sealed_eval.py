@@ -2,8 +2,8 @@
 What the sealed evaluation adds per experiment, against today's in-process evaluate_bpb. For each backend: one real
 training run of the script (default config unless --set, a short budget) that exports its model the way the agent
 loop asks it to (AUTORESEARCH_RUN_DIR), then the engine's evaluator on that export, run exactly as tui.sealed runs it
-(python -I, prepare.py's text on stdin), first with a cold pycache prefix (the first run of a session) and then warm
-(every later run), and evaluate_bpb of the same model in-process (what the trainer did before). Prints seconds and
+(python -I -B, prepare.py's text on stdin, the installed bytecode: as under bubblewrap), twice: "cold" is the first
+evaluation after the training run, "warm" a second one, and evaluate_bpb of the same model in-process (what the trainer did before). Prints seconds and
 the added time as a share of the standard 300 s budget.
 
     uv run benchmarks/sealed_eval.py --corpus ../shared/data/bench-corpus
@@ -28,7 +28,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]
 from throughput import BACKEND_SCRIPTS, ROOT, edit_block, parse_run_options, prepare_corpus  # noqa: E402
 from tui.executor import RunSpec  # noqa: E402
-from tui.sealed import PYCACHE, Evaluator  # noqa: E402
+from tui.sealed import Evaluator  # noqa: E402
 
 WARM_IMPORTS = """
 import torch
@@ -102,7 +102,7 @@ def measure(backend, env, budget, settings, workdir):
     sealed = []
     for _ in ("cold", "warm"):
         t0 = time.monotonic()
-        e = subprocess.run(evaluator.argv(spec, work / PYCACHE), input=evaluator.source, cwd=ROOT, env=spec.env,
+        e = subprocess.run(evaluator.argv(spec), input=evaluator.source, cwd=ROOT, env=spec.env,
                            capture_output=True, timeout=1800)
         if e.returncode != 0:
             sys.exit(f"error: the sealed evaluation failed:\n{e.stderr.decode(errors='replace')[-1500:]}")

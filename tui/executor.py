@@ -202,12 +202,12 @@ class LocalExecutor(Executor):
             except (GitError, OSError, tarfile.TarError) as e:
                 self._release(spec.run_dir)
                 raise ExecutorError(f"cannot check out {spec.commit[:7]} for {spec.label}: {e}") from None
-        # the evaluators' kept cache: unguarded where no run can write it; guarded with one slot; none with several
-        # slots and no sandbox (a training run could rewrite it during another slot's evaluation: tui.sealed)
+        # the evaluators' bytecode (tui.sealed): the installed one where no run can write; without a sandbox a cache
+        # kept across runs, or, with several slots, one of its own (another slot's run trains during the evaluation)
         cache = None
-        if self.confined or not self.snapshot:
-            cache = self._caches.setdefault(spec.run_dir.parent, BytecodeCache(spec.run_dir.parent / PYCACHE,
-                                                                               guarded=not self.confined))
+        if not self.confined:
+            cache = self._caches.setdefault(spec.run_dir.parent, BytecodeCache(spec.run_dir.parent / PYCACHE)) if (
+                not self.snapshot) else BytecodeCache(spec.run_dir / f"{PYCACHE}-{os.urandom(8).hex()}")
         return LocalRun(spec, cwd, self.kill_grace, self.sandbox, repo=self.repo, on_end=self._release, cache=cache)
 
     def _release(self, run_dir: Path) -> None:

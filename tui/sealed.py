@@ -3,18 +3,19 @@
 A trainer run by the engine gets AUTORESEARCH_RUN_DIR (RunSpec.run_dir) and exports its model there
 (prepare.export_model) instead of evaluating it. Once it has ended with its summary, the evaluator scores the export:
 
-    python -I -X pycache_prefix=<runs>/work/.pycache - --evaluate <run_dir>      (prepare.py's text on stdin)
+    python -I -B - --evaluate <run_dir>                                   (prepare.py's text on stdin)
+    python -I -X pycache_prefix=<runs>/work/.pycache - --evaluate <run_dir>        (runs without bubblewrap)
 
 - the text is prepare.py as it was before the trainer started (Evaluator reads it at submit): a run that rewrites
   prepare.py is a crash by the protected-file check afterwards, and it never changes the code that scores it;
 - -I: no PYTHON* variables and no user site-packages, and neither the repository nor the run directory is on sys.path,
-  so no module the trainer wrote can shadow numpy or torch. A script read from stdin has no .pyc of its own, and the
-  pycache prefix sends every other .pyc lookup to a directory only evaluators write, so no __pycache__ left anywhere
-  by a trainer is read (the prefix persists so that torch's modules are compiled once, not for every evaluation);
-- the pycache prefix is kept from one evaluation to the next (BytecodeCache) and emptied when anything but an
-  evaluator changed it; under bubblewrap no run can write it, so it is not checked (and evaluations that overlap,
-  with several slots, share it); without a sandbox and with several slots, a run could rewrite it while another
-  slot's evaluation is using it, so each evaluation gets a fresh private prefix in its run directory instead;
+  so no module the trainer wrote can shadow numpy or torch. A script read from stdin has no .pyc of its own;
+- bytecode: under bubblewrap a run can write nothing but its run directory, so the evaluator reads the bytecode
+  installed with the packages (uv compiles it at install) and writes none (-B). Without a sandbox a run could plant
+  a .pyc anywhere (the integrity check finds it, but only after the evaluation), so the pycache prefix sends every
+  .pyc lookup to a directory only evaluators write: kept from one evaluation to the next (BytecodeCache) and emptied
+  when anything but an evaluator changed it; with several slots a run could rewrite it while another slot's
+  evaluation is using it, so each evaluation then gets a fresh private prefix in its run directory instead;
 - the environment is the run's (tui.executor.run_env: the allow-list), the working directory the repository;
 - the evaluator prints one JSON line {"val_bpb", "tokens", "seconds", "model"}, or exits non-zero with a one-line
   error, which becomes the run's crash note.
@@ -59,18 +60,16 @@ class BytecodeCache:
     back) is recorded after each evaluation and compared before the next: any difference empties it. The record lives
     in the agent's memory only, so the first evaluation of a session starts from an empty cache."""
 
-    def __init__(self, path, guarded: bool = True):
+    def __init__(self, path):
         self.path = Path(path)
-        self.guarded = guarded  # False: no run can write it (bubblewrap), nothing to check
         self._seen: dict | None = None
 
     def check(self) -> None:
-        if self.guarded and (self._seen is None or scan_files(self.path) != self._seen):
+        if self._seen is None or scan_files(self.path) != self._seen:
             remove_tree(self.path)
 
     def record(self) -> None:
-        if self.guarded:
-            self._seen = scan_files(self.path)
+        self._seen = scan_files(self.path)
 
 
 class Evaluator:
@@ -78,27 +77,27 @@ class Evaluator:
 
     def __init__(self, repo, cache: BytecodeCache | None = None):
         self.repo = Path(repo)
-        self.cache = cache  # None: a fresh private prefix for every evaluation, in its run directory
+        self.cache = cache  # None: the installed bytecode (only where no run can write: bubblewrap)
         try:
             self.source: bytes | None = (self.repo / EVALUATOR).read_bytes()
         except OSError:
             self.source = None
 
-    @staticmethod
-    def argv(spec, prefix: Path) -> list:
-        return [spec.python, "-I", "-X", f"pycache_prefix={prefix}", "-", "--evaluate", str(spec.run_dir)]
+    def argv(self, spec) -> list:
+        flags = ["-X", f"pycache_prefix={self.cache.path}"] if self.cache else ["-B"]
+        return [spec.python, "-I", *flags, "-", "--evaluate", str(spec.run_dir)]
 
     def evaluate(self, spec, kill_grace: float, should_stop=None) -> SealedResult | str:
         """Score the export in spec.run_dir; a one-line error when that is impossible (or the run was stopped)."""
         if self.source is None:
             return f"sealed evaluation impossible: there was no {EVALUATOR} in {self.repo} when the run started"
         kwargs = {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP} if IS_WINDOWS else {"start_new_session": True}
-        cache = self.cache or BytecodeCache(Path(spec.run_dir) / f"{PYCACHE}-{os.urandom(8).hex()}")
-        cache.check()
+        if self.cache:
+            self.cache.check()
         t0 = time.monotonic()
         try:
             # in a session of its own like a run's leader: another slot's sweep must not take it for an orphan
-            proc = spawn_leader(self.argv(spec, cache.path), cwd=self.repo, env=spec.env, stdin=subprocess.PIPE,
+            proc = spawn_leader(self.argv(spec), cwd=self.repo, env=spec.env, stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
         except OSError as e:
             return f"sealed evaluation impossible: cannot start {spec.python}: {e}"
@@ -127,7 +126,8 @@ class Evaluator:
                     os.killpg(proc.pid, signal.SIGKILL)
                 except (ProcessLookupError, PermissionError):
                     pass
-            cache.record()
+            if self.cache:
+                self.cache.record()
             LEADERS.discard(proc.pid)
         seconds = time.monotonic() - t0
         if why:
