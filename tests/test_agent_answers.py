@@ -15,13 +15,14 @@ import dashboard
 from fakes.agent import Recorder, file_answer, hp_answer, hp_block, make_config
 from fakes.llm_servers import FakeLLMServer
 from fakes.repo import FAKE_TRAIN, agent_repo
-from tui.answers import TOOL_NAME, answer_spec
+from tui.answers import answer_spec, proposal_from_data
 from tui.config import ConfigError
 from tui.controls import FatalError, SkipExperiment
 from tui.llm import Usage, make_provider
 from tui.llm_base import AnswerSpec, LLMError
 from tui.orchestrator import Orchestrator
-from tui.prompt import FIELD_HELP, AnswerError, Proposal, PromptContext, apply_proposal, find_hparams, parse_answer
+from tui.prompt import (FIELD_HELP, TOOL_NAME, AnswerError, PromptContext, Proposal, apply_proposal, find_hparams,
+                        parse_answer)
 
 MODELS = {"anthropic": "claude-sonnet-4-6", "openai": "gpt-4.1", "ollama": "qwen2.5-coder:7b"}
 KEY = "sk-test-key-123456789"
@@ -257,6 +258,23 @@ def test_structured_values_keep_every_other_line_of_the_block():
         "-ADAM_BETAS = (0.8, 0.95)", "+ADAM_BETAS = [0.9, 0.95]",
         '-DEPTH = _hp["depth"]                          # number of transformer layers',
         "+DEPTH = 6                          # number of transformer layers"]
+
+
+def test_structured_answers_from_a_server_that_does_not_constrain_decoding():
+    # Anthropic's tool input follows the schema only as well as the model does: bare JSON values and a name -> value
+    # object are as clear as the list of pairs, anything else is refused with the field it concerns
+    for hparams in ([{"name": "DEPTH", "value": 6}], {"DEPTH": "6"}):
+        data = {"description": "deeper", "reasoning": "r", "hparams": hparams}
+        assert "DEPTH = 6\n" in apply_proposal(FAKE_SOURCE, proposal_from_data(data, "hparams"), "hparams")
+    for data, message in [({"description": "d", "reasoning": "r"}, "the answer has no 'hparams' field"),
+                          ({"description": "d", "reasoning": "r", "hparams": "DEPTH=6"}, "'hparams' field must be a "
+                                                                                          "list of objects"),
+                          ({"description": 5, "reasoning": "r", "hparams": []}, "'description' field must be a string"),
+                          ({**LR, "hparams": LR["hparams"] * 2}, "LEARNING_RATE is set twice")]:
+        with pytest.raises(AnswerError, match=message):
+            proposal_from_data(data, "hparams")
+    with pytest.raises(AnswerError, match="the answer has no edit"):
+        proposal_from_data({"description": "d", "reasoning": "r", "edits": []}, "file")
 
 
 def test_unknown_names_in_a_structured_answer_get_a_corrective_retry(tmp_path):

@@ -552,7 +552,7 @@ class PromptContext:
     running: list = field(default_factory=list)  # "expN: description" of each experiment in flight (several slots)
 
 
-def answer_format(scope: str, structured: bool) -> str:
+def format_for(scope: str, structured: bool) -> str:
     if structured:
         return FORMAT_JSON_HPARAMS if scope == "hparams" else FORMAT_JSON_FILE
     return FORMAT_HPARAMS if scope == "hparams" else FORMAT_FILE
@@ -587,7 +587,7 @@ Guidance:
 - Read the crash output if the last experiment crashed, and avoid the cause.
 
 Answer in exactly this format, nothing else:
-{answer_format(scope, structured)}"""
+{format_for(scope, structured)}"""
 
 
 def format_history(rows: list, limit: int) -> str:
@@ -656,4 +656,4 @@ def user_prompt(ctx: PromptContext) -> str:
 
 def corrective_prompt(error: str, scope: str, structured: bool = False) -> str:
     return (f"Your answer could not be used: {error}.\n"
-            f"Reply again with the complete answer in exactly this format:\n{answer_format(scope, structured)}")
+            f"Reply again with the complete answer in exactly this format:\n{format_for(scope, structured)}")

@@ -15,12 +15,12 @@ before it is sent (a crash tail or a row could carry what a hostile run printed)
 
 import os
 
+from tui.answers import answer_spec, read_reply
 from tui.config import AgentConfig
 from tui.controls import Controls, FatalError, SkipExperiment, StopRequested
 from tui.credentials import (CredentialError, Redactor, harden_process, is_local_url, keyring_get, known_env_secrets,
                              resolve_key, withdraw_secrets)
 from tui.events import State
-from tui.answers import answer_spec, read_reply
 from tui.llm import (Interrupted, LLMError, RetryPolicy, Usage, call_with_retry, make_provider,
                      run_interruptibly)
 from tui.llm_base import schema_rejected
@@ -126,6 +126,8 @@ class Proposer:
         return self.cfg.answer_format == "json"
 
     def _text_from_now_on(self, why: str) -> None:
+        if self.text_only:  # another slot's call found out first: said once
+            return
         self.text_only = True
         self.log(f"{why}: using the free-text answer format for the rest of the session (--answer-format text "
                  f"skips the attempt)", "warning")
