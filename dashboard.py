@@ -20,7 +20,7 @@ from tui.credentials import ENV_VARS
 from tui.decision import KEEP_RULES
 from tui.executor import EXECUTORS
 from tui.llm import DEFAULT_MODELS, PROVIDERS
-from tui.prompt import SCOPES
+from tui.prompt import ANSWER_FORMATS, SCOPES
 from tui.sandbox import INSTALL, SANDBOXES
 
 # ---------------------------------------------------------------------------
@@ -104,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--scope", choices=SCOPES, default=d["scope"],
                        help=f"what the LLM may edit: hparams = only the hyperparameter block; file = search/replace "
                             f"edits anywhere in the training script (default: {d['scope']})")
+    agent.add_argument("--answer-format", choices=ANSWER_FORMATS, default=d["answer_format"],
+                       help=f"how the LLM answers: json = a JSON object the server must follow (Anthropic tool, "
+                            f"OpenAI response_format, Ollama format); text = the DESCRIPTION/REASONING/CODE format; "
+                            f"auto = json, falling back to text for the session if the server rejects or ignores the "
+                            f"schema (default: {d['answer_format']})")
     agent.add_argument("--timeout", type=cli_args.positive_float, default=d["timeout"], metavar="SECONDS",
                        help="kill a training run after this many seconds (default: time budget + max(300, budget))")
     agent.add_argument("--script", default=d["script"], metavar="FILE",
@@ -213,7 +218,8 @@ def key_command(args) -> int:
 
 def agent_config(args):
     kwargs = dict(repo=args.repo, provider=args.provider, model=args.model, base_url=args.base_url, scope=args.scope,
-                  timeout=args.timeout, script=args.script, results=args.results, seed=args.seed,
+                  answer_format=args.answer_format, timeout=args.timeout, script=args.script, results=args.results,
+                  seed=args.seed,
                   keep_rule=args.keep_rule, noise_runs=args.noise_runs, confirm_runs=args.confirm_runs,
                   remeasure_noise=args.remeasure_noise, plateau=args.plateau, sandbox=args.sandbox,
                   executor=args.executor, ray_address=args.ray_address, ray_resources=args.ray_resources,
@@ -225,7 +231,7 @@ def agent_config(args):
     return AgentConfig(**kwargs)
 
 
-AGENT_ONLY = ("max", "model", "base_url", "timeout", "script", "seed", "keep_rule", "noise_runs", "confirm_runs",
+AGENT_ONLY = ("max", "model", "base_url", "answer_format", "timeout", "script", "seed", "keep_rule", "noise_runs", "confirm_runs",
               "remeasure_noise", "plateau", "sandbox", "executor", "ray_address", "ray_resources", "workers",
               "devices")  # options with no meaning outside --agent
 

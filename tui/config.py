@@ -13,7 +13,7 @@ from tui.decision import CONFIRM_RUNS, KEEP_RULES, NOISE_RUNS, PLATEAU
 from tui.executor import EXECUTORS
 from tui.git_repo import validate_tag
 from tui.llm import PROVIDERS
-from tui.prompt import SCOPES
+from tui.prompt import ANSWER_FORMATS, SCOPES
 from tui.sandbox import SANDBOXES
 
 DEFAULT_TIME_BUDGET = 300.0
@@ -93,6 +93,9 @@ class AgentConfig:
     plateau: int = PLATEAU  # experiments without a keep before the prompt asks for a new direction (0: never)
     hardware: dict | None = None  # None: detect with backends.get_hardware_info()
     # LLM calls
+    # "auto" = structured answers (tool / response_format / format schema) where the provider offers them, falling back
+    # to free text for the session when the server fails the schema; "json" = structured only; "text" = free text
+    answer_format: str = "auto"
     max_tokens: int = 4096
     llm_timeout: float = 300.0
     llm_attempts: int = 6
@@ -130,6 +133,9 @@ class AgentConfig:
             raise ConfigError(f"unknown provider {self.provider!r}: choose one of {', '.join(PROVIDERS)}")
         if self.scope not in SCOPES:
             raise ConfigError(f"unknown scope {self.scope!r}: choose hparams or file")
+        if self.answer_format not in ANSWER_FORMATS:
+            raise ConfigError(f"unknown answer format {self.answer_format!r}: choose one of "
+                              f"{', '.join(ANSWER_FORMATS)}")
         if self.max_experiments < 1:
             raise ConfigError("--max must be at least 1 (the baseline is experiment 0)")
         if self.keep_rule not in KEEP_RULES:

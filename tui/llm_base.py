@@ -8,6 +8,7 @@ Every provider maps its SDK's exceptions to LLMError with one of three kinds:
     request    any other rejected request (this experiment is skipped, no retry)
 """
 
+import json
 import time
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
@@ -18,10 +19,22 @@ from email.utils import parsedate_to_datetime
 
 
 @dataclass
+class AnswerSpec:
+    """A structured answer asked of the model: a JSON object following `schema` (a JSON Schema that OpenAI's strict
+    mode accepts). Anthropic gets it as the input schema of a tool the model must call, OpenAI-compatible servers as
+    response_format json_schema, Ollama as format."""
+    name: str  # tool / schema name: letters, digits, _ and - only
+    description: str
+    schema: dict
+
+
+@dataclass
 class LLMReply:
-    text: str
+    text: str  # the answer as text; for a structured answer, the JSON the model sent
     input_tokens: int = 0
     output_tokens: int = 0
+    data: dict | None = None  # the structured answer, when one was asked for and the reply holds a JSON object
+    stop_reason: str = "end"  # "end" | "max_tokens" (cut at the output cap) | "tool" | a provider's other reason
 
 
 class LLMError(Exception):
@@ -36,6 +49,7 @@ class Provider:
     """What the orchestrator needs from an LLM. One subclass per provider module."""
 
     name = "provider"
+    structured = False  # complete() honours an AnswerSpec
 
     def __init__(self, model: str):
         self.model = model
@@ -44,12 +58,47 @@ class Provider:
         """A cheap call that proves the key and the endpoint work; raises LLMError."""
         raise NotImplementedError
 
-    def complete(self, system: str, messages: list[dict]) -> LLMReply:
-        """messages: [{"role": "user"|"assistant", "content": str}, ...]; raises LLMError."""
+    def complete(self, system: str, messages: list[dict], answer: AnswerSpec | None = None) -> LLMReply:
+        """messages: [{"role": "user"|"assistant", "content": str}, ...]; answer: ask for a structured answer
+        (LLMReply.data). Raises LLMError."""
         raise NotImplementedError
 
     def describe(self) -> str:
         return f"{self.name} ({self.model})"
+
+
+# ---------------------------------------------------------------------------
+# Reading replies
+# ---------------------------------------------------------------------------
+
+# each provider's words for why the reply ended -> ours; anything else is kept as the provider said it
+STOP_REASONS = {"end_turn": "end", "stop_sequence": "end", "stop": "end", "tool_use": "tool", "tool_calls": "tool",
+                "function_call": "tool", "max_tokens": "max_tokens", "length": "max_tokens",
+                "model_context_window_exceeded": "max_tokens"}
+
+
+def normalise_stop(reason) -> str:
+    return STOP_REASONS.get(reason, reason) if reason else "end"
+
+
+def json_object(text: str) -> dict | None:
+    """The JSON object a structured reply's text holds (a fence around it tolerated), or None."""
+    text = (text or "").strip()
+    if text.startswith("```"):
+        text = text.split("\n", 1)[-1].rsplit("```", 1)[0]
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+# a rejected request that names the structured-output part: the server cannot do structured answers
+SCHEMA_WORDS = ("response_format", "json_schema", "schema", "tool", "format")
+
+
+def schema_rejected(e: "LLMError") -> bool:
+    return e.kind == "request" and e.status in (400, 422) and any(w in str(e).lower() for w in SCHEMA_WORDS)
 
 
 # ---------------------------------------------------------------------------

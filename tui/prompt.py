@@ -7,6 +7,11 @@ scope "file": the model sees the whole training script and answers DESCRIPTION /
 SEARCH/REPLACE blocks; each SEARCH text must occur exactly once, and no block may be labelled with another file (a
 line like "prepare.py" or "File: prepare.py" just above it, or a fence ```python prepare.py around it) even when its
 SEARCH text also occurs in the training script.
+A structured answer (tui.answers: a JSON object the provider's schema support constrains) carries the same content:
+for hparams a list of name -> new literal value pairs, which rewrite just those assignments of the block; for file the
+search/replace edits. Both end as one Proposal that apply_proposal applies.
+An answer is also checked for what it means: placeholder text copied from the format is refused, and so is a change
+that removes a name the rest of the script still uses (tui.answer_checks).
 Anything wrong raises AnswerError with a message written for the model: the orchestrator sends it back once as a
 corrective retry.
 
@@ -19,6 +24,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
+from tui.answer_checks import dropped_names, placeholder_in, templates
 from tui.results import group_experiments
 
 # ---------------------------------------------------------------------------
@@ -43,6 +49,7 @@ PY_PATH_RE = re.compile(r"[\w./\\-]*\w\.py")  # fullmatch on one word only: sear
 NOT_PATH_RE = re.compile(r"[^\w./\\-]+")
 
 SCOPES = ("hparams", "file")
+ANSWER_FORMATS = ("auto", "json", "text")  # auto: structured where the provider offers it, else free text
 CRASH_TAIL_CHARS = 3000
 DESCRIPTION_MAX = 200
 MAX_REPLY_CHARS = 256 * 1024  # a real answer is a few KB; max_tokens 4096 is about 16 KB
@@ -67,6 +74,32 @@ REASONING: <2-3 sentences: why you expect this to lower val_bpb>
 and occur exactly once; include enough surrounding lines to make it unique)"""
 
 
+# the structured format: what each field holds (also the descriptions in its JSON schema, tui.answers)
+FIELD_HELP = {
+    "description": "what you changed, in one line under 80 characters",
+    "reasoning": "why you expect this change to lower val_bpb, in 2-3 sentences",
+    "hparams": ("only the constants you change, each as {\"name\": a name the block already defines, \"value\": "
+                "its new value as a Python literal in a string, e.g. \"0.03\", \"2 ** 18\", \"(0.9, 0.95)\", "
+                "\"'SSSL'\"}; a number stays a number, a string stays a string"),
+    "search": "lines copied exactly from the current script, whitespace included; they must occur exactly once",
+    "replace": "the lines that replace them",
+}
+TOOL_NAME = "propose_experiment"  # the tool / schema name of a structured answer
+JSON_INTRO = f"one JSON object (when a {TOOL_NAME} tool is offered, call it: this object is its input):"
+FORMAT_JSON_HPARAMS = f"""{JSON_INTRO}
+- description: {FIELD_HELP["description"]}
+- reasoning: {FIELD_HELP["reasoning"]}
+- hparams: {FIELD_HELP["hparams"]}"""
+FORMAT_JSON_FILE = f"""{JSON_INTRO}
+- description: {FIELD_HELP["description"]}
+- reasoning: {FIELD_HELP["reasoning"]}
+- edits: one or more {{"search": {FIELD_HELP["search"]}, "replace": {FIELD_HELP["replace"]}}}"""
+# what a copied-back format looks like: its "<...>" templates, and the structured format's field descriptions
+TEMPLATES = templates(FORMAT_HPARAMS, FORMAT_FILE)
+HELP_PHRASES = tuple(FIELD_HELP.values())
+WHOLE_PLACEHOLDER_RE = re.compile(r"<[^<>\n]*>")
+
+
 class AnswerError(ValueError):
     """The answer cannot be used; the message tells the model what was wrong."""
 
@@ -79,7 +112,8 @@ class ScriptError(RuntimeError):
 class Proposal:
     description: str
     reasoning: str
-    code: str | None = None  # scope hparams: the new block body
+    code: str | None = None  # scope hparams, free text: the new block body
+    values: dict | None = None  # scope hparams, structured: {name: its new value as Python literal source}
     edits: list = field(default_factory=list)  # scope file: [(search, replace), ...]
     files: list = field(default_factory=list)  # scope file: the .py files the answer labels its blocks with
 
@@ -220,6 +254,86 @@ def replace_hparams(source: str, code: str) -> str:
     return "".join(span.lines[:span.body_start]) + body + "".join(span.lines[span.body_end:])
 
 
+def _block_assignments(span: HparamsSpan) -> dict:
+    """name -> its last plain `NAME = value` statement in the block (line numbers relative to the block body)."""
+    try:
+        tree = ast.parse(span.body)
+    except SyntaxError:
+        raise ScriptError("the hyperparameter block of the training script is not valid Python on its own; fix it "
+                          "or use --scope file") from None
+    out = {}
+    for stmt in tree.body:
+        if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name):
+            out[stmt.targets[0].id] = stmt
+    return out
+
+
+def hparam_names(source: str) -> list:
+    """The names a structured answer may set: the block's own constants (helpers such as _hp are not values)."""
+    return [n for n in _block_assignments(find_hparams(source)) if not n.startswith("_")]
+
+
+def _kind(node) -> str | None:
+    """What sort of value a literal expression is, for the type check of structured values; None: cannot tell."""
+    if isinstance(node, ast.Constant):
+        v = node.value
+        if isinstance(v, bool):
+            return "a boolean"
+        if isinstance(v, (int, float, complex)):
+            return "a number"
+        return "a string" if isinstance(v, str) else ("None" if v is None else None)
+    if isinstance(node, ast.UnaryOp):
+        return _kind(node.operand) if _kind(node.operand) == "a number" else None
+    if isinstance(node, ast.BinOp):
+        kinds = {_kind(node.left), _kind(node.right)}
+        return "a number" if kinds == {"a number"} else ("a string" if "a string" in kinds else None)
+    if isinstance(node, (ast.Tuple, ast.List)):
+        return "a tuple or list"
+    return {ast.Set: "a set", ast.Dict: "a dict"}.get(type(node))
+
+
+def _new_value(name: str, text, old) -> str:
+    """The Python source of a structured value, checked: a literal of the kind the block's value has today."""
+    if not isinstance(text, str):  # a server that does not constrain decoding may send a bare JSON value
+        text = repr(tuple(text) if isinstance(text, list) else text)
+    try:
+        node = ast.parse(text.strip(), mode="eval").body
+    except SyntaxError:
+        node = None
+    if node is None or not _literal(node):
+        raise AnswerError(f"the value of {name} ({text.strip()[:80]!r}) is not a Python literal: write it as in "
+                          f"the script, e.g. \"0.02\", \"(0.9, 0.95)\" or \"'SSSL'\" (quotes inside for a string)")
+    was, now = _kind(old), _kind(node)
+    if was not in (None, "None") and now != was:
+        raise AnswerError(f"{name} is {was} in the block, but the answer sets it to {now or 'something else'} "
+                          f"({text.strip()[:80]}): keep its type")
+    source = text.strip()
+    return ast.unparse(node) if "\n" in source else source
+
+
+def set_hparams(source: str, values: dict) -> str:
+    """The script with just these assignments of the block rewritten (banners, comments and every other line kept).
+    Only names the block defines may be set, each to a literal of the kind it has today."""
+    if not values:
+        raise AnswerError("the answer sets no hyperparameter: give at least one name and its new value")
+    span = find_hparams(source)
+    today = _block_assignments(span)
+    allowed = hparam_names(source)
+    unknown = [n for n in values if n not in allowed]
+    if unknown:
+        raise AnswerError(f"the block has no constant named {', '.join(unknown)}: set only names it defines "
+                          f"({', '.join(allowed)})")
+    lines = span.body.split("\n")  # numbered as ast numbers them
+    # rewrite from the last value up, so the positions of the ones above stay valid; ast offsets count UTF-8 bytes
+    for name in sorted(values, key=lambda n: (today[n].value.lineno, today[n].value.col_offset), reverse=True):
+        value = today[name].value
+        new = _new_value(name, values[name], value)
+        first, last = lines[value.lineno - 1].encode(), lines[value.end_lineno - 1].encode()
+        text = (first[:value.col_offset] + new.encode() + last[value.end_col_offset:]).decode()
+        lines[value.lineno - 1:value.end_lineno] = [text]
+    return "".join(span.lines[:span.body_start]) + "\n".join(lines) + "".join(span.lines[span.body_end:])
+
+
 # ---------------------------------------------------------------------------
 # Answer parsing
 # ---------------------------------------------------------------------------
@@ -346,9 +460,41 @@ def apply_edits(source: str, edits: list) -> str:
     return text
 
 
+def check_placeholders(proposal: Proposal) -> None:
+    """Refuse an answer that copies the format's placeholders back instead of filling them in."""
+    fields = [("description", proposal.description), ("reasoning", proposal.reasoning),
+              ("CODE section", proposal.code or "")]
+    for i, (search, replace) in enumerate(proposal.edits, 1):
+        fields += [(f"SEARCH text of block {i}", search), (f"REPLACE text of block {i}", replace)]
+    fields += [(f"value of {name}", str(v)) for name, v in (proposal.values or {}).items()]
+    for where, text in fields:
+        found = placeholder_in(text, TEMPLATES, HELP_PHRASES)
+        if found is None and where in ("description", "reasoning") and WHOLE_PLACEHOLDER_RE.fullmatch(text.strip()):
+            found = text.strip()
+        if found:
+            raise AnswerError(f"the {where} is the placeholder \"{found}\" copied from the answer format: replace "
+                              f"every placeholder with your own content")
+
+
+def check_names_kept(old_tree: ast.Module, new_tree: ast.Module, scope: str) -> None:
+    """Refuse a change that removes a name the script still uses: it would be committed and die with NameError."""
+    gone = dropped_names(old_tree, new_tree)
+    if not gone:
+        return
+    names = ", ".join(gone[:20]) + (f" and {len(gone) - 20} more" if len(gone) > 20 else "")
+    if scope == "hparams":
+        raise AnswerError(f"the block no longer defines {names}, which the script still uses: send the complete "
+                          f"block, every line between the banners, changing only values")
+    raise AnswerError(f"the edit removes {names}, which the script still uses: keep their definitions or change "
+                      f"every use")
+
+
 def apply_proposal(source: str, proposal: Proposal, scope: str, filename: str = "train.py") -> str:
     """The new script text; raises AnswerError when the edit cannot be used."""
-    if scope == "hparams":
+    check_placeholders(proposal)
+    if scope == "hparams" and proposal.values is not None:
+        new = set_hparams(source, proposal.values)
+    elif scope == "hparams":
         new = replace_hparams(source, proposal.code or "")
     else:
         own = PurePosixPath(filename).name
@@ -372,11 +518,13 @@ def apply_proposal(source: str, proposal: Proposal, scope: str, filename: str = 
     except ValueError as e:  # e.g. null bytes
         raise AnswerError(f"the edited script does not compile: {e}") from None
     try:
-        same = ast.dump(tree) == ast.dump(ast.parse(source))
+        old_tree = ast.parse(source)
     except SyntaxError:
-        same = False
-    if same:
+        old_tree = None
+    if old_tree is not None and ast.dump(tree) == ast.dump(old_tree):
         raise AnswerError("the edit changes only comments or whitespace: propose a change that does something")
+    if old_tree is not None:
+        check_names_kept(old_tree, tree, scope)
     return new
 
 
@@ -404,18 +552,22 @@ class PromptContext:
     running: list = field(default_factory=list)  # "expN: description" of each experiment in flight (several slots)
 
 
-def system_prompt(scope: str, script_name: str, time_budget: float) -> str:
+def format_for(scope: str, structured: bool) -> str:
+    if structured:
+        return FORMAT_JSON_HPARAMS if scope == "hparams" else FORMAT_JSON_FILE
+    return FORMAT_HPARAMS if scope == "hparams" else FORMAT_FILE
+
+
+def system_prompt(scope: str, script_name: str, time_budget: float, structured: bool = False) -> str:
     if scope == "hparams":
         what = (f"You may change only the hyperparameter block of {script_name} (the lines between the "
                 f"'# Hyperparameters' and '# Setup' marker comments): values of existing constants, or new constants "
                 f"that the block defines. No imports, and no changes to the model, optimizer, data or evaluation code.")
-        fmt = FORMAT_HPARAMS
     else:
         what = (f"You may change anything in {script_name}: hyperparameters, the model, the optimizer, the training "
                 f"loop. prepare.py and backends/ are read-only (they hold the data, tokenizer and evaluation); a run "
                 f"that modifies them counts as a crash. Do not add dependencies. Keep the output format the script "
                 f"prints (the progress lines and the '---' summary), or the run counts as a crash.")
-        fmt = FORMAT_FILE
     return f"""You are an autonomous ML researcher improving a small GPT pretraining script.
 Each experiment trains for a fixed budget of {time_budget:.0f} seconds and is then evaluated on held-out data.
 The metric is val_bpb (validation bits per byte): lower is better. An experiment that reliably beats the best so far
@@ -435,7 +587,7 @@ Guidance:
 - Read the crash output if the last experiment crashed, and avoid the cause.
 
 Answer in exactly this format, nothing else:
-{fmt}"""
+{format_for(scope, structured)}"""
 
 
 def format_history(rows: list, limit: int) -> str:
@@ -502,7 +654,6 @@ def user_prompt(ctx: PromptContext) -> str:
     return "\n".join(parts)
 
 
-def corrective_prompt(error: str, scope: str) -> str:
-    fmt = FORMAT_HPARAMS if scope == "hparams" else FORMAT_FILE
+def corrective_prompt(error: str, scope: str, structured: bool = False) -> str:
     return (f"Your answer could not be used: {error}.\n"
-            f"Reply again with the complete answer in exactly this format:\n{fmt}")
+            f"Reply again with the complete answer in exactly this format:\n{format_for(scope, structured)}")

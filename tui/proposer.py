@@ -1,6 +1,11 @@
 """The LLM side of the loop: the client and its key, the preflight check, one proposal per experiment (with one
 corrective retry for an unusable answer), retries with backoff, and token/cost accounting.
 
+Answers are structured where the provider offers it (--answer-format auto, the default, or json): a JSON object the
+server constrains decoding to (tui.answers). With auto, a server that rejects the schema, or ignores it and answers
+in free text, gets the free-text format for the rest of the session, once, with a log line saying so; the experiment
+is asked again in text (a rejected call) or read as text (an ignored schema), so it is not lost.
+
 Every call runs interruptibly: a stop, skip or abort command ends the wait for an answer at once (tui.controls).
 The key is known here only to build the client and to redact it (and every secret-named variable's value) from
 anything the loop writes or sends. Once the client is built the secrets leave the process environment and the process
@@ -10,6 +15,7 @@ before it is sent (a crash tail or a row could carry what a hostile run printed)
 
 import os
 
+from tui.answers import answer_spec, read_reply
 from tui.config import AgentConfig
 from tui.controls import Controls, FatalError, SkipExperiment, StopRequested
 from tui.credentials import (CredentialError, Redactor, harden_process, is_local_url, keyring_get, known_env_secrets,
@@ -17,10 +23,14 @@ from tui.credentials import (CredentialError, Redactor, harden_process, is_local
 from tui.events import State
 from tui.llm import (Interrupted, LLMError, RetryPolicy, Usage, call_with_retry, make_provider,
                      run_interruptibly)
-from tui.prompt import AnswerError, PromptContext, apply_proposal, corrective_prompt, parse_answer, system_prompt, \
-    user_prompt
+from tui.llm_base import schema_rejected
+from tui.prompt import AnswerError, PromptContext, apply_proposal, corrective_prompt, system_prompt, user_prompt
 
 ECHO_CHARS = 16384  # how much of an unusable answer the corrective retry shows the model again
+
+
+class SchemaRejected(Exception):
+    """The server refused the request because of its answer schema (tools / response_format / format)."""
 
 
 class Proposer:
@@ -37,6 +47,7 @@ class Proposer:
         self.free = False
         self.credential_source = ""
         self.last_prompt = ""  # the latest user prompt sent (for the dashboard's detail view)
+        self.text_only = cfg.answer_format == "text"  # set for the rest of the session when a server fails the schema
 
     def describe(self) -> str:
         return self.provider.describe() if self.provider else self.cfg.provider
@@ -83,15 +94,18 @@ class Proposer:
 
     def propose(self, ctx: PromptContext, usage: Usage):
         """(Proposal, new script text). Raises SkipExperiment, FatalError, or Interrupted (a command arrived)."""
-        system = system_prompt(ctx.scope, ctx.script_name, ctx.time_budget)
         self.last_prompt = self.redact(user_prompt(ctx))
         messages = [{"role": "user", "content": self.last_prompt}]
         for attempt in range(2):
-            reply = self._ask(system, messages)
+            reply, structured = self._answer(ctx, messages)
             usage.add(reply, self.provider.model, self.free)
             self.usage.add(reply, self.provider.model, self.free)
             try:
-                proposal = parse_answer(reply.text, ctx.scope)
+                if structured and reply.data is None and reply.stop_reason != "max_tokens" and not self._strict():
+                    self._text_from_now_on(f"exp{ctx.exp}: the LLM server ignored the answer schema and answered in "
+                                           f"free text")
+                    structured = False
+                proposal = read_reply(reply, ctx.scope, structured)
                 return proposal, apply_proposal(ctx.source, proposal, ctx.scope, ctx.script_name)
             except AnswerError as e:
                 if attempt == 1:
@@ -100,13 +114,44 @@ class Proposer:
                 # a runaway reply is not sent back whole
                 echoed = self.redact(reply.text.strip()[:ECHO_CHARS]) or "(empty answer)"
                 messages = messages + [{"role": "assistant", "content": echoed},
-                                       {"role": "user", "content": corrective_prompt(str(e), ctx.scope)}]
+                                       {"role": "user", "content": corrective_prompt(str(e), ctx.scope,
+                                                                                     self._structured())}]
         raise AssertionError("unreachable")
 
-    def _ask(self, system: str, messages: list):
+    def _structured(self) -> bool:
+        return not self.text_only and getattr(self.provider, "structured", False)
+
+    def _strict(self) -> bool:
+        """--answer-format json: structured or nothing, no fallback to text."""
+        return self.cfg.answer_format == "json"
+
+    def _text_from_now_on(self, why: str) -> None:
+        if self.text_only:  # another slot's call found out first: said once
+            return
+        self.text_only = True
+        self.log(f"{why}: using the free-text answer format for the rest of the session (--answer-format text "
+                 f"skips the attempt)", "warning")
+
+    def _answer(self, ctx: PromptContext, messages: list):
+        """(reply, structured): one call in the session's answer format. A server that rejects the schema is asked
+        the same again in free text."""
+        spec = answer_spec(ctx.scope, ctx.source, ctx.script_name) if self._structured() else None
         try:
-            return self._with_retry(lambda: self.provider.complete(system, messages))
+            return self._ask(system_prompt(ctx.scope, ctx.script_name, ctx.time_budget, spec is not None), messages,
+                             spec), spec is not None
+        except SchemaRejected as e:
+            self._text_from_now_on(f"exp{ctx.exp}: the LLM server rejected the answer schema ({e})")
+            return self._ask(system_prompt(ctx.scope, ctx.script_name, ctx.time_budget), messages), False
+
+    def _ask(self, system: str, messages: list, answer=None):
+        try:
+            return self._with_retry(lambda: self.provider.complete(system, messages, answer))
         except LLMError as e:
+            if answer is not None and schema_rejected(e):
+                if not self._strict():
+                    raise SchemaRejected(str(e)) from None
+                raise FatalError(f"the LLM server rejected the answer schema that --answer-format json asks for "
+                                 f"({e}): use --answer-format auto or text") from None
             if e.kind == "fatal":
                 raise FatalError(self._fatal_message(e, during="experiment")) from None
             if e.kind == "request":

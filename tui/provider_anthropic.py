@@ -1,6 +1,9 @@
-"""Anthropic Messages API through the official `anthropic` SDK."""
+"""Anthropic Messages API through the official `anthropic` SDK. A structured answer is a tool the model is made to
+call (tool_choice names it); the answer is that tool_use block's input."""
 
-from tui.llm_base import LLMError, LLMReply, Provider, translate_sdk_error
+import json
+
+from tui.llm_base import AnswerSpec, LLMError, LLMReply, Provider, normalise_stop, translate_sdk_error
 
 
 def _error_message(e) -> str:
@@ -12,6 +15,7 @@ def _error_message(e) -> str:
 
 class AnthropicProvider(Provider):
     name = "anthropic"
+    structured = True
 
     def __init__(self, model: str, api_key: str | None, base_url: str | None = None, timeout: float = 300.0,
                  max_tokens: int = 4096):
@@ -32,12 +36,22 @@ class AnthropicProvider(Provider):
         except self._sdk.AnthropicError as e:
             raise self._translate(e) from None
 
-    def complete(self, system: str, messages: list[dict]) -> LLMReply:
+    def complete(self, system: str, messages: list[dict], answer: AnswerSpec | None = None) -> LLMReply:
+        tools = {}
+        if answer is not None:
+            tools = {"tools": [{"name": answer.name, "description": answer.description,
+                                "input_schema": answer.schema}],
+                     "tool_choice": {"type": "tool", "name": answer.name}}
         try:
             r = self._client.messages.create(model=self.model, max_tokens=self.max_tokens, system=system,
-                                             messages=messages)
+                                             messages=messages, **tools)
         except self._sdk.AnthropicError as e:
             raise self._translate(e) from None
         text = "".join(getattr(b, "text", "") for b in r.content if getattr(b, "type", "") == "text")
+        call = next((b for b in r.content if getattr(b, "type", "") == "tool_use"), None)
+        data = call.input if call is not None and isinstance(call.input, dict) else None
+        if data is not None:
+            text = json.dumps(data, ensure_ascii=False)
         usage = getattr(r, "usage", None)
-        return LLMReply(text, getattr(usage, "input_tokens", 0) or 0, getattr(usage, "output_tokens", 0) or 0)
+        return LLMReply(text, getattr(usage, "input_tokens", 0) or 0, getattr(usage, "output_tokens", 0) or 0,
+                        data=data, stop_reason=normalise_stop(r.stop_reason))

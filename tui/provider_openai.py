@@ -1,7 +1,8 @@
 """Any OpenAI-compatible chat-completions endpoint through the `openai` SDK: OpenAI, OpenRouter, vLLM,
-llama.cpp server, LM Studio, Ollama's /v1."""
+llama.cpp server, LM Studio, Ollama's /v1. A structured answer is asked for with response_format json_schema in
+strict mode (the servers constrain decoding to it); the answer is the message content parsed as JSON."""
 
-from tui.llm_base import LLMError, LLMReply, Provider, translate_sdk_error
+from tui.llm_base import AnswerSpec, LLMError, LLMReply, Provider, json_object, normalise_stop, translate_sdk_error
 
 LOCAL_PLACEHOLDER_KEY = "not-needed"  # local servers ignore the key, but the SDK insists on one
 
@@ -18,6 +19,7 @@ def _error_message(e) -> str:
 
 class OpenAIProvider(Provider):
     name = "openai"
+    structured = True
 
     def __init__(self, model: str, api_key: str | None, base_url: str | None = None, timeout: float = 300.0,
                  max_tokens: int = 4096, name: str = "openai"):
@@ -40,16 +42,21 @@ class OpenAIProvider(Provider):
         except self._sdk.OpenAIError as e:
             raise self._translate(e) from None
 
-    def complete(self, system: str, messages: list[dict]) -> LLMReply:
+    def complete(self, system: str, messages: list[dict], answer: AnswerSpec | None = None) -> LLMReply:
         # api.openai.com's newer models only take max_completion_tokens; compatible servers know max_tokens
-        limit = {"max_completion_tokens": self.max_tokens} if self.base_url is None else {"max_tokens": self.max_tokens}
+        extra = {"max_completion_tokens": self.max_tokens} if self.base_url is None else {"max_tokens": self.max_tokens}
+        if answer is not None:
+            extra["response_format"] = {"type": "json_schema", "json_schema": {
+                "name": answer.name, "description": answer.description, "strict": True, "schema": answer.schema}}
         try:
             r = self._client.chat.completions.create(
-                model=self.model, messages=[{"role": "system", "content": system}, *messages], **limit)
+                model=self.model, messages=[{"role": "system", "content": system}, *messages], **extra)
         except self._sdk.OpenAIError as e:
             raise self._translate(e) from None
         if not r.choices:
             raise LLMError("retryable", "empty response (no choices)")
         text = r.choices[0].message.content or ""
         usage = r.usage
-        return LLMReply(text, getattr(usage, "prompt_tokens", 0) or 0, getattr(usage, "completion_tokens", 0) or 0)
+        return LLMReply(text, getattr(usage, "prompt_tokens", 0) or 0, getattr(usage, "completion_tokens", 0) or 0,
+                        data=json_object(text) if answer is not None else None,
+                        stop_reason=normalise_stop(r.choices[0].finish_reason))

@@ -47,7 +47,8 @@ def make_config(repo, server=None, provider="anthropic", **overrides) -> AgentCo
     kwargs = dict(repo=repo, tag="t1", max_experiments=3, provider=provider, script="train.py", timeout=20.0,
                   time_budget=1.0, hardware=dict(HARDWARE), backoff_base=0.01, backoff_cap=0.05, outage_pause=0.0,
                   kill_grace=1.0, llm_timeout=10.0, llm_attempts=3, dataset="testdata",
-                  keep_rule="single", noise_runs=1)  # the loop-mechanics tests use the seed's one-run rule
+                  keep_rule="single", noise_runs=1,  # the loop-mechanics tests use the seed's one-run rule
+                  answer_format="text")  # ... and script free-text answers (structured ones: test_agent_answers.py)
     if server is not None:
         kwargs["base_url"] = server.base_url
         kwargs["model"] = {"anthropic": "claude-sonnet-4-6", "openai": "gpt-4.1",

@@ -3,12 +3,21 @@ Ollama API, answering from a script (a queue of replies: text, errors with statu
 
     server = FakeLLMServer("anthropic").start()
     server.push(server.text("DESCRIPTION: ..."), server.error(429, "slow down", retry_after=1))
+    server.push(server.structured({"description": ...}))  # a tool_use block / JSON content, as each API sends it
+    server.push(server.text("DESCRIPTION: ...", stop="max_tokens"))  # cut at the output cap
     ... point the SDK at server.base_url ...
     server.prompts()  # the user prompts the server received, in order
     server.push(server.trickling(server.text("..."), every=0.05))  # the body one byte every 50 ms
+    server.reject_schema = True  # a server without structured output: 400 for any request that asks for it
+
+A chat request is checked the way the real service checks it before any scripted reply is sent: Anthropic's tools
+(name, an object input_schema) and tool_choice (naming one of them); OpenAI's response_format (json_schema with a name
+and a schema; in strict mode every object has additionalProperties false and requires all its properties); Ollama's
+format ("json" or a schema object). A request that fails gets the HTTP 400 the service would send.
 """
 
 import json
+import re
 import threading
 import time
 from collections import deque
@@ -36,6 +45,111 @@ class Request:
     at: float
 
 
+NAME_RE = re.compile(r"[a-zA-Z0-9_-]{1,64}")
+# what a server without structured output answers a request that asks for it (llama.cpp, vLLM, old Ollama)
+REJECTIONS = {"anthropic": "tools: Extra inputs are not permitted",
+              "openai": "response_format: type json_schema is not supported by this server",
+              "ollama": "invalid format: structured outputs are not supported"}
+STOPS = {"anthropic": {"end": "end_turn", "max_tokens": "max_tokens", "tool": "tool_use"},
+         "openai": {"end": "stop", "max_tokens": "length", "tool": "stop"},
+         "ollama": {"end": "stop", "max_tokens": "length", "tool": "stop"}}
+
+
+def _strict_problem(schema, where=()) -> str | None:
+    """What OpenAI's strict mode refuses in a schema: an object without additionalProperties false, or one whose
+    required list leaves out a property."""
+    if not isinstance(schema, dict):
+        return f"In context={where}, schema must be an object"
+    if schema.get("type") == "object" or "properties" in schema:
+        if schema.get("additionalProperties") is not False:
+            return f"In context={where}, 'additionalProperties' is required to be supplied and to be false."
+        props = schema.get("properties") or {}
+        missing = [k for k in props if k not in (schema.get("required") or [])]
+        if missing:
+            return (f"In context={where}, 'required' is required to be supplied and to be an array including every "
+                    f"key in properties. Missing '{missing[0]}'.")
+        for key, sub in props.items():
+            problem = _strict_problem(sub, where + ("properties", key))
+            if problem:
+                return problem
+    if "items" in schema:
+        return _strict_problem(schema["items"], where + ("items",))
+    for i, sub in enumerate(schema.get("anyOf") or []):
+        problem = _strict_problem(sub, where + ("anyOf", i))
+        if problem:
+            return problem
+    return None
+
+
+def anthropic_problem(body: dict) -> str | None:
+    tools = body.get("tools")
+    if not isinstance(body.get("max_tokens"), int):
+        return "max_tokens: Field required"
+    names = []
+    if tools is not None:
+        if not isinstance(tools, list):
+            return "tools: Input should be a valid list"
+        for i, tool in enumerate(tools):
+            if not isinstance(tool, dict) or not NAME_RE.fullmatch(str(tool.get("name", ""))):
+                return f"tools.{i}.name: String should match pattern '^[a-zA-Z0-9_-]{{1,64}}$'"
+            schema = tool.get("input_schema")
+            if not isinstance(schema, dict):
+                return f"tools.{i}.custom.input_schema: Field required"
+            if schema.get("type") != "object":
+                return f"tools.{i}.custom.input_schema.type: Input should be 'object'"
+            names.append(tool["name"])
+    choice = body.get("tool_choice")
+    if choice is not None:
+        if not tools:
+            return "tool_choice: tool_choice may only be specified while providing tools"
+        if not isinstance(choice, dict) or choice.get("type") not in ("auto", "any", "tool", "none"):
+            return "tool_choice.type: Input should be 'auto', 'any', 'tool' or 'none'"
+        if choice["type"] == "tool" and choice.get("name") not in names:
+            return f"tool_choice: Tool '{choice.get('name')}' not found in tools"
+    return None
+
+
+def openai_problem(body: dict) -> str | None:
+    fmt = body.get("response_format")
+    if fmt is None:
+        return None
+    if not isinstance(fmt, dict) or fmt.get("type") not in ("text", "json_object", "json_schema"):
+        return "Invalid value for 'response_format.type': expected 'text', 'json_object' or 'json_schema'"
+    if fmt["type"] != "json_schema":
+        return None
+    spec = fmt.get("json_schema")
+    if not isinstance(spec, dict) or "name" not in spec:
+        return "Missing required parameter: 'response_format.json_schema.name'."
+    if not NAME_RE.fullmatch(str(spec["name"])):
+        return "Invalid 'response_format.json_schema.name': string does not match pattern '^[a-zA-Z0-9_-]+$'"
+    schema = spec.get("schema")
+    if not isinstance(schema, dict):
+        return "Missing required parameter: 'response_format.json_schema.schema'."
+    if spec.get("strict"):
+        if schema.get("type") != "object":
+            return f"Invalid schema for response_format '{spec['name']}': schema must be a JSON Schema of 'type: " \
+                   f"\"object\"', got 'type: \"{schema.get('type')}\"'."
+        problem = _strict_problem(schema)
+        if problem:
+            return f"Invalid schema for response_format '{spec['name']}': {problem}"
+    return None
+
+
+def ollama_problem(body: dict) -> str | None:
+    fmt = body.get("format")
+    if fmt in (None, "", "json") or (isinstance(fmt, dict) and fmt.get("type")):
+        return None
+    return 'invalid format: expected "json" or a JSON schema'
+
+
+PROBLEMS = {"anthropic": anthropic_problem, "openai": openai_problem, "ollama": ollama_problem}
+
+
+def asks_for_schema(kind: str, body: dict) -> bool:
+    key = {"anthropic": "tools", "openai": "response_format", "ollama": "format"}[kind]
+    return bool(body.get(key))
+
+
 def _error_type(status: int) -> str:
     return {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
             404: "not_found_error", 429: "rate_limit_error", 529: "overloaded_error"}.get(status, "api_error")
@@ -49,6 +163,7 @@ class FakeLLMServer:
         self.check_replies: deque = deque()
         self.requests: list = []
         self.default_chat = None  # callable(request_body) -> Reply when the queue is empty
+        self.reject_schema = False  # True: a server without structured output (400 when a request asks for it)
         self.models = list(models)
         self._httpd = None
         self._stopped = threading.Event()  # ends trickles, so no handler outlives the test
@@ -136,20 +251,36 @@ class FakeLLMServer:
     def push_check(self, *replies) -> None:
         self.check_replies.extend(replies)
 
-    def text(self, text: str, input_tokens: int = 1000, output_tokens: int = 200) -> Reply:
+    def text(self, text: str, input_tokens: int = 1000, output_tokens: int = 200, stop: str = "end") -> Reply:
+        """A free-text answer; stop="max_tokens": the reply ended at the output cap."""
+        content = [{"type": "text", "text": text}]
+        return self._message(content, text, input_tokens, output_tokens, stop)
+
+    def structured(self, data: dict, input_tokens: int = 1000, output_tokens: int = 200, stop: str = "tool",
+                   name: str = "propose_experiment") -> Reply:
+        """A structured answer as each API sends it: Anthropic a tool_use block with `data` as its input, the others
+        the JSON as the message content. stop="max_tokens": cut at the output cap (the JSON text half sent)."""
+        text = json.dumps(data)
+        if stop == "max_tokens":
+            text = text[:len(text) // 2]
+        content = [{"type": "tool_use", "id": "toolu_fake", "name": name, "input": data}]
+        return self._message(content, text, input_tokens, output_tokens, stop)
+
+    def _message(self, content: list, text: str, input_tokens: int, output_tokens: int, stop: str) -> Reply:
+        reason = STOPS[self.kind][stop]
         if self.kind == "anthropic":
             body = {"id": "msg_fake", "type": "message", "role": "assistant", "model": "fake",
-                    "content": [{"type": "text", "text": text}], "stop_reason": "end_turn", "stop_sequence": None,
+                    "content": content, "stop_reason": reason, "stop_sequence": None,
                     "usage": {"input_tokens": input_tokens, "output_tokens": output_tokens}}
         elif self.kind == "openai":
             body = {"id": "chatcmpl-fake", "object": "chat.completion", "created": 0, "model": "fake",
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                 "finish_reason": "stop"}],
+                                 "finish_reason": reason}],
                     "usage": {"prompt_tokens": input_tokens, "completion_tokens": output_tokens,
                               "total_tokens": input_tokens + output_tokens}}
         else:
             body = {"model": "fake", "created_at": "2025-01-01T00:00:00Z",
-                    "message": {"role": "assistant", "content": text}, "done": True, "done_reason": "stop",
+                    "message": {"role": "assistant", "content": text}, "done": True, "done_reason": reason,
                     "prompt_eval_count": input_tokens, "eval_count": output_tokens}
         return Reply(200, body)
 
@@ -203,6 +334,12 @@ class FakeLLMServer:
         expected = {"anthropic": "/v1/messages", "openai": "/v1/chat/completions", "ollama": "/api/chat"}[self.kind]
         if path != expected:
             return self.error(404, f"no route POST {path}")
+        body = req.body if isinstance(req.body, dict) else {}
+        if self.reject_schema and asks_for_schema(self.kind, body):
+            return self.error(400, REJECTIONS[self.kind])
+        problem = PROBLEMS[self.kind](body)
+        if problem:
+            return self.error(400, problem)
         if self.chat_replies:
             return self.chat_replies.popleft()
         if self.default_chat is not None:

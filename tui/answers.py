@@ -1,0 +1,91 @@
+"""Structured answers: the JSON schema a proposal follows for each scope, and a reply (structured or free text) read
+into a Proposal.
+
+The schema keeps to the subset OpenAI's strict mode accepts (every property required, additionalProperties false,
+no length limits), which Anthropic's tool input schemas and Ollama's format take as well. Hyperparameter values are
+strings holding Python literals: a JSON type per name could not say "a tuple of floats" or tell 4 from 4.0, and the
+block's own types are checked when the values are applied (tui.prompt.set_hparams).
+"""
+
+from tui.llm_base import AnswerSpec, LLMReply
+from tui.prompt import DESCRIPTION_MAX, FIELD_HELP, TOOL_NAME, AnswerError, Proposal, hparam_names, parse_answer
+
+FIELDS = {"hparams": ("description", "reasoning", "hparams"), "file": ("description", "reasoning", "edits")}
+TRUNCATED = ("the answer was truncated: it was cut off at the output limit (max_tokens) before it was complete; send a "
+             "shorter answer, only the fields of the format, no preamble and no repeated prompt")
+
+
+def _object(properties: dict) -> dict:
+    return {"type": "object", "properties": properties, "required": list(properties), "additionalProperties": False}
+
+
+def _string(help_text: str) -> dict:
+    return {"type": "string", "description": help_text}
+
+
+def answer_spec(scope: str, source: str, script_name: str = "train.py") -> AnswerSpec:
+    """What the model is asked to return for one experiment; for hparams the names are those of the current block."""
+    properties = {"description": _string(FIELD_HELP["description"]), "reasoning": _string(FIELD_HELP["reasoning"])}
+    if scope == "hparams":
+        names = hparam_names(source)
+        pair = _object({"name": {"type": "string", **({"enum": names} if names else {})},
+                        "value": _string("the new value as a Python literal")})
+        properties["hparams"] = {"type": "array", "items": pair, "description": FIELD_HELP["hparams"]}
+    else:
+        edit = _object({"search": _string(FIELD_HELP["search"]), "replace": _string(FIELD_HELP["replace"])})
+        properties["edits"] = {"type": "array", "items": edit, "description": "one or more search/replace edits"}
+    return AnswerSpec(TOOL_NAME, f"Propose the next experiment: one change to {script_name}", _object(properties))
+
+
+def _text(data: dict, key: str) -> str:
+    value = data[key]
+    if not isinstance(value, str):
+        raise AnswerError(f"the '{key}' field must be a string")
+    return value.strip()
+
+
+def _items(data: dict, key: str, fields: tuple) -> list:
+    """The list field `key` as tuples of `fields`; a server that does not constrain decoding may send anything."""
+    value = data[key]
+    if isinstance(value, dict) and key == "hparams":  # {"NAME": "value"} is as clear as the list of pairs
+        value = [{"name": k, "value": v} for k, v in value.items()]
+    if not isinstance(value, list) or not all(isinstance(x, dict) and all(f in x for f in fields) for x in value):
+        raise AnswerError(f"the '{key}' field must be a list of objects with {' and '.join(fields)}")
+    return [tuple(x[f] for f in fields) for x in value]
+
+
+def proposal_from_data(data: dict, scope: str) -> Proposal:
+    """A structured answer -> Proposal; raises AnswerError naming the field that is missing or malformed."""
+    missing = [k for k in FIELDS[scope] if k not in data]
+    if missing:
+        raise AnswerError(f"the answer has no {', '.join(repr(k) for k in missing)} field")
+    description = " ".join(_text(data, "description").split())[:DESCRIPTION_MAX]
+    if not description:
+        raise AnswerError("the description is empty")
+    reasoning = _text(data, "reasoning")
+    if scope == "file":
+        edits = _items(data, "edits", ("search", "replace"))
+        if not edits:
+            raise AnswerError("the answer has no edit: give at least one search/replace pair")
+        if not all(isinstance(s, str) and isinstance(r, str) for s, r in edits):
+            raise AnswerError("each edit's search and replace must be strings")
+        return Proposal(description, reasoning, edits=edits)
+    values = {}
+    for name, value in _items(data, "hparams", ("name", "value")):
+        if not isinstance(name, str):
+            raise AnswerError("each hyperparameter's name must be a string")
+        if name in values:
+            raise AnswerError(f"{name} is set twice: give each name once")
+        values[name] = value
+    return Proposal(description, reasoning, values=values)
+
+
+def read_reply(reply: LLMReply, scope: str, structured: bool) -> Proposal:
+    """The reply as a Proposal: its structured data when it was asked for, else its text in the free-text format."""
+    if reply.stop_reason == "max_tokens":  # whatever was cut off may still parse, as something the model never meant
+        raise AnswerError(TRUNCATED)
+    if not structured:
+        return parse_answer(reply.text, scope)
+    if reply.data is None:
+        raise AnswerError("the answer is not a JSON object: answer with the JSON object of the format, nothing else")
+    return proposal_from_data(reply.data, scope)
