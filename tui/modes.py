@@ -753,8 +753,10 @@ class AgentScreen(DashboardScreen):
             self.exit_status = 0 if summary.ok else 1
             self.final_error = None if summary.ok else summary.reason
             best = summary.totals.best_val_bpb
-            self.log_line(f"agent stopped: {summary.reason} · {summary.experiments} experiments this session · "
-                          f"best {'-' if best is None else f'{best:.6f}'}", "bold" if summary.ok else "bold red")
+            skipped = f" ({summary.skipped} skipped)" if summary.skipped else ""
+            self.log_line(f"agent stopped: {summary.reason} · {summary.experiments} experiments this session"
+                          f"{skipped} · best {'-' if best is None else f'{best:.6f}'}",
+                          "bold" if summary.ok else "bold red")
         self.training.wait("The agent has stopped: q quits, enter shows an experiment")
         self.engine_done()
 

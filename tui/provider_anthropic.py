@@ -1,6 +1,8 @@
 """Anthropic Messages API through the official `anthropic` SDK."""
 
-from tui.llm_base import LLMError, LLMReply, Provider, translate_sdk_error
+import os
+
+from tui.llm_base import LLMError, LLMReply, Provider, llama_cpp_window, stop_reason, translate_sdk_error
 
 
 def _error_message(e) -> str:
@@ -21,6 +23,7 @@ class AnthropicProvider(Provider):
         # our retry policy does the retrying, so the SDK's own is off
         self._client = anthropic.Anthropic(api_key=api_key, base_url=base_url, timeout=timeout, max_retries=0)
         self.max_tokens = max_tokens
+        self.base_url = base_url or os.environ.get("ANTHROPIC_BASE_URL") or None  # the SDK reads it too
 
     def _translate(self, e: Exception) -> LLMError:
         return translate_sdk_error(self._sdk, e, _error_message)
@@ -32,12 +35,17 @@ class AnthropicProvider(Provider):
         except self._sdk.AnthropicError as e:
             raise self._translate(e) from None
 
-    def complete(self, system: str, messages: list[dict]) -> LLMReply:
+    def complete(self, system: str, messages: list[dict], max_tokens: int | None = None) -> LLMReply:
         try:
-            r = self._client.messages.create(model=self.model, max_tokens=self.max_tokens, system=system,
-                                             messages=messages)
+            r = self._client.messages.create(model=self.model, max_tokens=max_tokens or self.max_tokens,
+                                             system=system, messages=messages)
         except self._sdk.AnthropicError as e:
             raise self._translate(e) from None
         text = "".join(getattr(b, "text", "") for b in r.content if getattr(b, "type", "") == "text")
         usage = getattr(r, "usage", None)
-        return LLMReply(text, getattr(usage, "input_tokens", 0) or 0, getattr(usage, "output_tokens", 0) or 0)
+        return LLMReply(text, getattr(usage, "input_tokens", 0) or 0, getattr(usage, "output_tokens", 0) or 0,
+                        stop_reason(getattr(r, "stop_reason", "")))
+
+    def context_window(self) -> int | None:
+        # a custom base URL may be a llama.cpp server (it speaks the Messages API too); Anthropic's own: the table
+        return llama_cpp_window(self.base_url)

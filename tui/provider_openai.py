@@ -1,7 +1,7 @@
 """Any OpenAI-compatible chat-completions endpoint through the `openai` SDK: OpenAI, OpenRouter, vLLM,
 llama.cpp server, LM Studio, Ollama's /v1."""
 
-from tui.llm_base import LLMError, LLMReply, Provider, translate_sdk_error
+from tui.llm_base import LLMError, LLMReply, Provider, llama_cpp_window, stop_reason, translate_sdk_error
 
 LOCAL_PLACEHOLDER_KEY = "not-needed"  # local servers ignore the key, but the SDK insists on one
 
@@ -40,9 +40,10 @@ class OpenAIProvider(Provider):
         except self._sdk.OpenAIError as e:
             raise self._translate(e) from None
 
-    def complete(self, system: str, messages: list[dict]) -> LLMReply:
+    def complete(self, system: str, messages: list[dict], max_tokens: int | None = None) -> LLMReply:
+        cap = max_tokens or self.max_tokens
         # api.openai.com's newer models only take max_completion_tokens; compatible servers know max_tokens
-        limit = {"max_completion_tokens": self.max_tokens} if self.base_url is None else {"max_tokens": self.max_tokens}
+        limit = {"max_completion_tokens": cap} if self.base_url is None else {"max_tokens": cap}
         try:
             r = self._client.chat.completions.create(
                 model=self.model, messages=[{"role": "system", "content": system}, *messages], **limit)
@@ -52,4 +53,9 @@ class OpenAIProvider(Provider):
             raise LLMError("retryable", "empty response (no choices)")
         text = r.choices[0].message.content or ""
         usage = r.usage
-        return LLMReply(text, getattr(usage, "prompt_tokens", 0) or 0, getattr(usage, "completion_tokens", 0) or 0)
+        return LLMReply(text, getattr(usage, "prompt_tokens", 0) or 0, getattr(usage, "completion_tokens", 0) or 0,
+                        stop_reason(r.choices[0].finish_reason))
+
+    def context_window(self) -> int | None:
+        # llama.cpp tells (GET /props); OpenAI, OpenRouter, vLLM and LM Studio do not here: the table or the option
+        return llama_cpp_window(self.base_url) if self.base_url and "openrouter.ai" not in self.base_url else None
