@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from fakes.llm_servers import FakeLLMServer
+from tui.llm_base import context_numbers
 from tui.llm import (Interrupted, LLMError, RetryPolicy, Usage, call_with_retry, estimate_cost, make_provider,
                      parse_retry_after, price_for, run_interruptibly)
 
@@ -181,3 +182,70 @@ def test_provider_modules_load_without_the_factory_that_loads_them():
             "assert 'tui.llm' not in sys.modules, 'a provider imports tui.llm, which imports the providers'")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
+
+
+# ---------------------------------------------------------------------------
+# The context window, overflows and why an answer ended
+# ---------------------------------------------------------------------------
+
+
+def test_the_context_window_is_what_the_server_says():
+    for kind in ("openai", "anthropic"):  # llama-server speaks both; GET /props at the root, not under /v1
+        s = FakeLLMServer(kind, n_ctx=4096).start()
+        quiet = FakeLLMServer(kind).start()  # no /props: a server that does not say
+        try:
+            assert provider_for(s).context_window() == 4096, kind
+            assert provider_for(quiet).context_window() is None, kind
+        finally:
+            s.stop()
+            quiet.stop()
+    s = FakeLLMServer("ollama", n_ctx=6000).start()
+    plain = FakeLLMServer("ollama").start()
+    try:
+        assert provider_for(s).context_window() == 6000  # the Modelfile's num_ctx
+        p = provider_for(plain)
+        assert p.context_window() == 16384  # the trained 32768, capped (memory grows with num_ctx)
+        p.use_window(12000)
+        plain.push(plain.text("DESCRIPTION: x"))
+        p.complete("s", MSG)
+        assert plain.chat_requests()[-1].body["options"]["num_ctx"] == 12000  # else Ollama cuts the prompt silently
+    finally:
+        s.stop()
+        plain.stop()
+
+
+def test_a_prompt_over_the_context_is_its_own_error_kind_with_the_numbers():
+    s = FakeLLMServer("openai", n_ctx=100).start()
+    old = FakeLLMServer("openai", n_ctx=100, overflow_500=True).start()
+    try:
+        long = [{"role": "user", "content": "x" * 1000}]
+        with pytest.raises(LLMError) as e:
+            provider_for(s).complete("s", long)
+        assert e.value.kind == "context" and e.value.status == 400
+        assert context_numbers(str(e.value)) == (336, 100)  # llama-server: "request (336 tokens) exceeds ... (100"
+        with pytest.raises(LLMError) as e:
+            provider_for(old).complete("s", long)
+        assert e.value.kind == "context" and e.value.status == 500  # not retried as if waiting could help
+        assert context_numbers("prompt is too long: 210000 tokens > 200000 maximum") == (210000, 200000)
+        assert context_numbers("This model's maximum context length is 8192 tokens. However, you requested 9000 "
+                               "tokens (5000 in the messages, 4000 in the completion).") == (9000, 8192)
+    finally:
+        s.stop()
+        old.stop()
+
+
+def test_why_the_answer_ended_is_reported(server):
+    p = provider_for(server)
+    server.push(server.text("DESCRIPTION: x"))
+    assert p.complete("s", MSG).stop_reason == "end"
+    cut = server.text("DESCRIPTION: x")
+    if server.kind == "anthropic":
+        cut.body["stop_reason"] = "max_tokens"
+    elif server.kind == "openai":
+        cut.body["choices"][0]["finish_reason"] = "length"
+    else:
+        cut.body["done_reason"] = "length"
+    server.push(cut)
+    assert p.complete("s", MSG, max_tokens=77).stop_reason == "max_tokens"
+    sent = server.chat_requests()[-1].body
+    assert (sent.get("max_tokens") or sent.get("options", {}).get("num_predict")) == 77  # this call's cap

@@ -26,7 +26,7 @@ from tui.prompt import AnswerError, PromptContext, answer_excerpt, apply_proposa
     system_prompt
 
 SHRINK_AFTER_TIMEOUT = 0.5  # the smaller request after a timeout: this share of the prompt, and of max_tokens
-SHRINK_AFTER_OVERFLOW = 0.75  # ... after a context overflow whose message gives no numbers: this share of the prompt
+SHRINK_AFTER_OVERFLOW = 0.5  # ... after a context overflow whose message gives no numbers: this share of the prompt
 COPIED_LINES = 2  # this many of the system prompt's own lines in an answer: the model copied the prompt back
 
 # what the diagnosis suggests for each shape of unusable answer, most specific first
@@ -174,11 +174,14 @@ class Proposer:
         self._unusable(first.kind, str(first))
         if first.kind == "context":
             tokens, window = context_numbers(str(first))
-            if window and window < self.window:
-                self.window = window
-                self.provider.use_window(window)
             if tokens:
                 self.count.learn(request.chars, tokens)
+            # the window the server has: what it says, else less than the refused prompt (a safe upper bound)
+            window = window or request.tokens
+            if window < self.window:
+                self.window = window
+                self.provider.use_window(window)
+                self.log(f"LLM context window: {window:,} tokens from now on (the server refused a longer prompt)")
             cap = None if tokens else int(request.tokens * SHRINK_AFTER_OVERFLOW)
             max_tokens = request.max_tokens
         else:
