@@ -236,7 +236,8 @@ def agent_config(args):
     return AgentConfig(**kwargs)
 
 
-AGENT_ONLY = ("max", "model", "base_url", "max_tokens", "llm_timeout", "context_tokens", "timeout", "script", "seed", "keep_rule", "noise_runs", "confirm_runs",
+AGENT_ONLY = ("max", "model", "base_url", "max_tokens", "llm_timeout", "context_tokens", "timeout",
+              "script", "seed", "keep_rule", "noise_runs", "confirm_runs",
               "remeasure_noise", "plateau", "sandbox", "executor", "ray_address", "ray_resources", "workers",
               "devices")  # options with no meaning outside --agent
 

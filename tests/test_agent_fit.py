@@ -180,3 +180,37 @@ def test_every_reply_is_kept_redacted_next_to_the_experiment(repo):
         assert "call 1" in shown and "call 2" in shown and "[redacted]" in shown and TEST_KEY not in shown
     finally:
         s.stop()
+
+
+# ---------------------------------------------------------------------------
+# What the screens are told
+# ---------------------------------------------------------------------------
+
+
+def test_the_screen_hears_of_each_call_and_a_retry_keeps_the_experiment_number(repo):
+    s = serve("anthropic")
+    try:
+        s.push(s.error(429, "rate limited", retry_after="0.1"), s.text(hp_answer("lr 0.02", lr=0.02)))
+        summary, rec = run_agent(repo, s, max_experiments=2)
+        assert statuses(repo) == [(0, "keep"), (1, "keep")]
+        states = rec.of("state")
+        after = states[[st for st, _ in states].index("waiting") + 1]
+        assert after[0] == "thinking" and after[1].startswith("exp1: ") and "retrying the LLM call" in after[1]
+        kinds = [e[0] for e in rec.events]
+        first_call = next(i for i, e in enumerate(rec.events) if e[0] == "stats" and e[2].failed + e[2].calls)
+        assert first_call < kinds.index("end", kinds.index("start", kinds.index("end")))  # before exp1 ends
+        assert rec.events[first_call][2].failed == 1  # the refused call counts: no "LLM no calls yet"
+    finally:
+        s.stop()
+
+
+def test_the_resume_line_counts_in_the_singular(repo):
+    s = serve("anthropic")
+    try:
+        run_agent(repo, s, max_experiments=1)
+        s.push(s.text(hp_answer("lr 0.02", lr=0.02)))
+        summary, rec = run_agent(repo, s, max_experiments=2)
+        assert any("resuming at exp1: 1 experiment so far (1 kept" in m for m in rec.logs("info"))
+        assert "exp0..exp1: 2 experiments with a result" in summary.reason
+    finally:
+        s.stop()

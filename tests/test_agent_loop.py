@@ -134,6 +134,7 @@ def test_bad_answer_format_twice_is_a_skip_and_the_loop_goes_on(repo, server):
     summary, rec, _ = run_agent(repo, server, max_experiments=3)
     assert summary.ok
     assert statuses(repo) == [("exp0", "keep"), ("exp1", "skip"), ("exp2", "keep")]
+    assert "exp0..exp2: 2 experiments with a result, 1 skipped (no experiment ran" in summary.reason  # not hidden
     skip = rows(repo)[1]
     assert "unusable answer" in skip["notes"] and "DESCRIPTION" in skip["notes"] and skip["commit"] == "-"
     assert "DESCRIPTION" in server.prompts()[1]  # the corrective message repeats the format

@@ -194,7 +194,8 @@ class AgentConfig:
         runs = runs if runs.is_absolute() else (repo / runs)
         status = Path(self.status_file) if self.status_file else results.parent / ".runner_status.json"
         return replace(self, repo=repo, results=results.resolve(), runs_dir=runs.resolve(), status_file=status,
-                       max_tokens=max_tokens, llm_timeout=self.llm_timeout or timeout_default, workers=workers, devices=devices, time_budget=budget, timeout=self.timeout or default_timeout(budget),
+                       max_tokens=max_tokens, llm_timeout=self.llm_timeout or timeout_default, workers=workers,
+                       devices=devices, time_budget=budget, timeout=self.timeout or default_timeout(budget),
                        budget_allowance=(default_allowance(budget) if self.budget_allowance is None
                                          else self.budget_allowance))
 

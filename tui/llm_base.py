@@ -28,7 +28,7 @@ class LLMReply:
     text: str
     input_tokens: int = 0
     output_tokens: int = 0
-    stop_reason: str = ""  # "end" | "max_tokens" (cut at the output cap) | "tool" | the provider's own word | "" unknown
+    stop_reason: str = ""  # "end" | "max_tokens" (cut at the output cap) | "tool" | the provider's word | "" unknown
 
 
 class LLMError(Exception):

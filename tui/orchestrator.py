@@ -242,7 +242,8 @@ class Orchestrator:
         s = summarize(self.rows)
         if s.next_exp > 0:
             best = f"{s.best_val_bpb:.6f} (exp{s.best_exp})" if s.best_val_bpb is not None else "none yet"
-            self._log(f"resuming at exp{s.next_exp}: {s.runs} experiment{'' if s.runs == 1 else 's'} so far ({s.kept} kept, {s.discarded} "
+            self._log(f"resuming at exp{s.next_exp}: {s.runs} experiment{'' if s.runs == 1 else 's'} so far "
+                      f"({s.kept} kept, {s.discarded} "
                       f"discarded, {s.crashed} crashed, {s.skipped} skipped), best val_bpb {best}")
             note = self.keep_rule.noise_summary(self.rows)
             if note:

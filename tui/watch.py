@@ -194,8 +194,8 @@ def experiment_llm_calls(runs_dir, row: Row) -> str:
             out.append(f"  trimmed to fit: {c['trimmed']}")
         reply = c.get("reply")
         if reply is not None:
-            shown = reply if len(reply) <= REPLY_CHARS else reply[:REPLY_CHARS] + f"\n[... {len(reply) - REPLY_CHARS:,} " \
-                f"more characters in {path.name}]"
+            more = len(reply) - REPLY_CHARS
+            shown = reply if more <= 0 else reply[:REPLY_CHARS] + f"\n[... {more:,} more characters in {path.name}]"
             out.append(shown if shown.strip() else "(empty reply)")
         out.append("")
     return "\n".join(out).strip() or f"(no LLM calls recorded in {path})"
