@@ -101,6 +101,16 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--base-url", default=d["base_url"], metavar="URL",
                        help="API endpoint, e.g. http://localhost:8080/v1 for llama.cpp/vLLM/LM Studio, or the Ollama "
                             "host (default: the provider's; Ollama: OLLAMA_HOST or localhost:11434)")
+    agent.add_argument("--max-tokens", type=cli_args.positive_int, default=d["max_tokens"], metavar="N",
+                       help="the longest answer the LLM may write, in tokens (default: 4096; 2048 for a server on "
+                            "this machine, where every token costs time)")
+    agent.add_argument("--llm-timeout", type=cli_args.positive_float, default=d["llm_timeout"], metavar="SECONDS",
+                       help="give up on an LLM call after this long; it is then asked once with a smaller prompt, "
+                            "never resent unchanged (default: 300; 1800 for a server on this machine: a CPU needs "
+                            "minutes for a long prompt)")
+    agent.add_argument("--context-tokens", type=cli_args.positive_int, default=d["context_tokens"], metavar="N",
+                       help="the model's context window: prompts are trimmed to fit it with room for the answer "
+                            "(default: what the server says - llama.cpp, Ollama - or the hosted model's, else 8192)")
     agent.add_argument("--scope", choices=SCOPES, default=d["scope"],
                        help=f"what the LLM may edit: hparams = only the hyperparameter block; file = search/replace "
                             f"edits anywhere in the training script (default: {d['scope']})")
@@ -223,7 +233,8 @@ def agent_config(args):
                   keep_rule=args.keep_rule, noise_runs=args.noise_runs, confirm_runs=args.confirm_runs,
                   remeasure_noise=args.remeasure_noise, plateau=args.plateau, sandbox=args.sandbox,
                   executor=args.executor, ray_address=args.ray_address, ray_resources=args.ray_resources,
-                  workers=args.workers, devices=args.devices or ())
+                  workers=args.workers, devices=args.devices or (), max_tokens=args.max_tokens,
+                  llm_timeout=args.llm_timeout, context_tokens=args.context_tokens)
     if args.tag:
         kwargs["tag"] = args.tag
     if args.max:
@@ -231,7 +242,8 @@ def agent_config(args):
     return AgentConfig(**kwargs)
 
 
-AGENT_ONLY = ("max", "model", "base_url", "answer_format", "timeout", "script", "seed", "keep_rule", "noise_runs", "confirm_runs",
+AGENT_ONLY = ("max", "model", "base_url", "answer_format", "max_tokens", "llm_timeout", "context_tokens", "timeout",
+              "script", "seed", "keep_rule", "noise_runs", "confirm_runs",
               "remeasure_noise", "plateau", "sandbox", "executor", "ray_address", "ray_resources", "workers",
               "devices")  # options with no meaning outside --agent
 

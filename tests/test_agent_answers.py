@@ -47,6 +47,7 @@ def agent(server, tmp_path, answer_format="auto", scope="hparams"):
                              server.base_url, timeout=5.0, max_tokens=512)
     orch = Orchestrator(make_config(repo, server, provider=server.kind, answer_format=answer_format, scope=scope),
                         [rec], provider=provider)
+    orch.proposer.learn_window()  # what connect() ends with
     return orch.proposer, rec, repo
 
 

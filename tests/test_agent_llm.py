@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from fakes.llm_servers import FakeLLMServer
+from tui.llm_base import context_numbers
 from tui.llm import (Interrupted, LLMError, RetryPolicy, Usage, call_with_retry, estimate_cost, make_provider,
                      parse_retry_after, price_for, run_interruptibly)
 
@@ -97,13 +98,13 @@ def test_overload_storm_gives_up_after_the_attempts():
         s.stop()
 
 
-def test_timeouts_and_refused_connections_are_retryable():
+def test_timeouts_are_their_own_kind_and_refused_connections_are_retryable():
     s = FakeLLMServer("openai").start()
     try:
         s.push(s.error(200, "late", delay=1.5))
         with pytest.raises(LLMError) as e:
             provider_for(s, timeout=0.3).complete("s", MSG)
-        assert e.value.kind == "retryable"
+        assert e.value.kind == "timeout"  # never resent unchanged (test_agent_loop: a smaller request once)
     finally:
         s.stop()
     for kind in ("anthropic", "openai", "ollama"):
@@ -114,7 +115,7 @@ def test_timeouts_and_refused_connections_are_retryable():
         assert e.value.kind == "retryable", kind
 
 
-def test_a_trickling_answer_is_cut_off_at_the_call_deadline_then_retried(server):
+def test_a_trickling_answer_is_cut_off_at_the_call_deadline_and_not_resent(server):
     # a byte every 50 ms: no single read ever waits the SDK's 1 s timeout, the whole answer would take far longer
     slow = server.trickling(server.text("DESCRIPTION: finally"), every=0.05)
     assert len(json.dumps(slow.body)) * 0.05 > 5
@@ -122,11 +123,13 @@ def test_a_trickling_answer_is_cut_off_at_the_call_deadline_then_retried(server)
     p = provider_for(server, timeout=1.0)
     retries = []
     t0 = time.monotonic()
-    reply = call_with_retry(lambda: run_interruptibly(lambda: p.complete("s", MSG), lambda: False, timeout=1.0),
-                            RetryPolicy(attempts=2, base=0.01), wait=lambda d: True,
-                            on_retry=lambda n, d, err: retries.append(err))
-    assert reply.text == "DESCRIPTION: prompt" and time.monotonic() - t0 < 1.0 + 1.0
-    assert retries[0].kind == "retryable" and str(retries[0]) == "no complete answer within 1s"
+    with pytest.raises(LLMError) as e:
+        call_with_retry(lambda: run_interruptibly(lambda: p.complete("s", MSG), lambda: False, timeout=1.0),
+                        RetryPolicy(attempts=2, base=0.01), wait=lambda d: True,
+                        on_retry=lambda n, d, err: retries.append(err))
+    assert time.monotonic() - t0 < 1.0 + 1.0
+    assert e.value.kind == "timeout" and str(e.value) == "no complete answer within 1s"
+    assert retries == [] and len(server.chat_requests()) == 1  # the identical request is not sent again
 
 
 def test_stop_and_skip_cut_a_trickling_call_short(server):
@@ -179,3 +182,70 @@ def test_provider_modules_load_without_the_factory_that_loads_them():
             "assert 'tui.llm' not in sys.modules, 'a provider imports tui.llm, which imports the providers'")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
+
+
+# ---------------------------------------------------------------------------
+# The context window, overflows and why an answer ended
+# ---------------------------------------------------------------------------
+
+
+def test_the_context_window_is_what_the_server_says():
+    for kind in ("openai", "anthropic"):  # llama-server speaks both; GET /props at the root, not under /v1
+        s = FakeLLMServer(kind, n_ctx=4096).start()
+        quiet = FakeLLMServer(kind).start()  # no /props: a server that does not say
+        try:
+            assert provider_for(s).context_window() == 4096, kind
+            assert provider_for(quiet).context_window() is None, kind
+        finally:
+            s.stop()
+            quiet.stop()
+    s = FakeLLMServer("ollama", n_ctx=6000).start()
+    plain = FakeLLMServer("ollama").start()
+    try:
+        assert provider_for(s).context_window() == 6000  # the Modelfile's num_ctx
+        p = provider_for(plain)
+        assert p.context_window() == 16384  # the trained 32768, capped (memory grows with num_ctx)
+        p.use_window(12000)
+        plain.push(plain.text("DESCRIPTION: x"))
+        p.complete("s", MSG)
+        assert plain.chat_requests()[-1].body["options"]["num_ctx"] == 12000  # else Ollama cuts the prompt silently
+    finally:
+        s.stop()
+        plain.stop()
+
+
+def test_a_prompt_over_the_context_is_its_own_error_kind_with_the_numbers():
+    s = FakeLLMServer("openai", n_ctx=100).start()
+    old = FakeLLMServer("openai", n_ctx=100, overflow_500=True).start()
+    try:
+        long = [{"role": "user", "content": "x" * 1000}]
+        with pytest.raises(LLMError) as e:
+            provider_for(s).complete("s", long)
+        assert e.value.kind == "context" and e.value.status == 400
+        assert context_numbers(str(e.value)) == (336, 100)  # llama-server: "request (336 tokens) exceeds ... (100"
+        with pytest.raises(LLMError) as e:
+            provider_for(old).complete("s", long)
+        assert e.value.kind == "context" and e.value.status == 500  # not retried as if waiting could help
+        assert context_numbers("prompt is too long: 210000 tokens > 200000 maximum") == (210000, 200000)
+        assert context_numbers("This model's maximum context length is 8192 tokens. However, you requested 9000 "
+                               "tokens (5000 in the messages, 4000 in the completion).") == (9000, 8192)
+    finally:
+        s.stop()
+        old.stop()
+
+
+def test_why_the_answer_ended_is_reported(server):
+    p = provider_for(server)
+    server.push(server.text("DESCRIPTION: x"))
+    assert p.complete("s", MSG).stop_reason == "end"
+    cut = server.text("DESCRIPTION: x")
+    if server.kind == "anthropic":
+        cut.body["stop_reason"] = "max_tokens"
+    elif server.kind == "openai":
+        cut.body["choices"][0]["finish_reason"] = "length"
+    else:
+        cut.body["done_reason"] = "length"
+    server.push(cut)
+    assert p.complete("s", MSG, max_tokens=77).stop_reason == "max_tokens"
+    sent = server.chat_requests()[-1].body
+    assert (sent.get("max_tokens") or sent.get("options", {}).get("num_predict")) == 77  # this call's cap

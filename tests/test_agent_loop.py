@@ -134,6 +134,7 @@ def test_bad_answer_format_twice_is_a_skip_and_the_loop_goes_on(repo, server):
     summary, rec, _ = run_agent(repo, server, max_experiments=3)
     assert summary.ok
     assert statuses(repo) == [("exp0", "keep"), ("exp1", "skip"), ("exp2", "keep")]
+    assert "exp0..exp2: 2 experiments with a result, 1 skipped (no experiment ran" in summary.reason  # not hidden
     skip = rows(repo)[1]
     assert "unusable answer" in skip["notes"] and "DESCRIPTION" in skip["notes"] and skip["commit"] == "-"
     assert "DESCRIPTION" in server.prompts()[1]  # the corrective message repeats the format
@@ -209,14 +210,16 @@ def test_rate_limit_then_success(repo, server):
     assert reqs[1].at - reqs[0].at >= 0.3
 
 
-def test_an_answer_trickling_past_llm_timeout_is_abandoned_and_asked_again(repo, server):
+def test_an_answer_trickling_past_llm_timeout_is_abandoned_and_asked_again_smaller(repo, server):
     slow = server.trickling(server.text(hp_answer("the trickled answer", lr=0.05)), every=0.05)  # ~25 s in all
     server.push(slow, server.text(hp_answer("the prompt answer", lr=0.02)))
     summary, rec, _ = run_agent(repo, server, max_experiments=2, llm_timeout=1.0)
     assert statuses(repo) == [("exp0", "keep"), ("exp1", "keep")]
     assert rows(repo)[1]["description"] == "the prompt answer"
-    waits = [m for s, m in rec.of("state") if s == "waiting"]
-    assert waits and "no complete answer within 1s" in waits[0]
+    first, second = [r.body for r in server.chat_requests()]
+    assert second["max_tokens"] < first["max_tokens"]  # never the identical request again
+    assert any("no complete answer within 1s; asking once more with a smaller request" in m
+               for m in rec.logs("warning"))
 
 
 def test_overload_storm_skips_the_experiment_pauses_and_goes_on(repo, server):

@@ -19,7 +19,8 @@ from fakes.repo import agent_repo, git
 from tui.status_file import write_json_atomic
 from tui.app import DashboardApp
 from tui.results import ResultsFile, Row
-from tui.widgets import DetailScreen, val_bpb_series
+from tui.llm import Usage
+from tui.widgets import DetailScreen, starting_note, status_lines, val_bpb_series
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "dashboard.py"
@@ -336,6 +337,27 @@ def test_val_bpb_chart_has_one_point_per_experiment_and_a_running_best():
     assert disc == [(1, 1.06), (5, 1.2)]
     assert best == [(0, pytest.approx(1.04)), (3, pytest.approx(1.04)), (3, pytest.approx(1.01)),
                     (5, pytest.approx(1.01))]  # a step down at exp3, flat to the last experiment
+
+
+def test_thinking_shows_how_long_the_llm_has_been_at_it():
+    text = status_lines("thinking", "exp3: asking openai (gemma)", False, None, Usage(), {}, elapsed=83.0)[0].plain
+    assert "exp3: asking openai (gemma)" in text and "1m23s" in text
+    assert "1m23s" not in status_lines("training", "exp3", False, None, Usage(), {}, elapsed=83.0)[0].plain
+
+
+def test_llm_no_calls_yet_goes_once_calls_were_made():
+    from tui.results import Summary
+    fresh = " ".join(t.plain for t in status_lines("thinking", "", False, Summary(), Usage(), {}))
+    assert "LLM no calls yet" in fresh
+    failed = " ".join(t.plain for t in status_lines("thinking", "", False, Summary(), Usage(failed=2), {}))
+    assert "no calls yet" not in failed and "failed calls 2" in failed  # every call refused: calls all the same
+
+
+def test_only_a_compiling_backend_says_compiling():
+    assert "compiling" in starting_note("cuda") and "compiling" in starting_note("mlx")
+    assert "compiling" not in starting_note("cpu", {"kind": "cpu", "chip_name": "Fake CPU"})
+    assert "compiling" not in starting_note(None, {"kind": "cpu"}) and "compiling" not in starting_note("mps")
+    assert "compiling" not in starting_note(None)  # nothing says which backend: no claim either
 
 
 # ---------------------------------------------------------------------------

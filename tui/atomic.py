@@ -37,11 +37,22 @@ def write_json_atomic(path, data: dict) -> None:
     write_atomic(path, json.dumps(data, indent=1, default=str))
 
 
-def read_regular(path, limit: int | None = None) -> bytes:
-    """The bytes of a regular file (a symlink to one is followed), at most `limit` of them. Anything else raises
-    OSError: a run could have put /dev/zero, /dev/full or a FIFO in the file's place, which a plain read would read
-    forever or wait on forever."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+def append_atomic(path, text: str, limit: int = 16 << 20) -> None:
+    """Add text to the end of a file by rewriting it whole (write_atomic): a reader never sees half a line, and what a
+    run may have put in the file's place (a symlink, a FIFO) is replaced, never followed. Only a regular file's first
+    `limit` bytes are kept (a small per-experiment file; anything else starts anew)."""
+    try:
+        old = read_regular(path, limit, follow=False)
+    except OSError:
+        old = b""
+    write_atomic(path, old + text.encode("utf-8"))
+
+
+def read_regular(path, limit: int | None = None, follow: bool = True) -> bytes:
+    """The bytes of a regular file (a symlink to one is followed unless follow=False), at most `limit` of them.
+    Anything else raises OSError: a run could have put /dev/zero, /dev/full or a FIFO in the file's place, which a
+    plain read would read forever or wait on forever."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | (0 if follow else os.O_NOFOLLOW))
     with os.fdopen(fd, "rb") as f:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise OSError(f"{path} is not a regular file")

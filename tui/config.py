@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from tui.credentials import is_local_url, llm_host
 from tui.devices import devices_problem, parse_devices
 from tui.decision import CONFIRM_RUNS, KEEP_RULES, NOISE_RUNS, PLATEAU
 from tui.executor import EXECUTORS
@@ -56,6 +57,21 @@ def default_timeout(time_budget: float) -> float:
     return time_budget + max(300.0, time_budget)
 
 
+# LLM calls: a local server (often a CPU) reads a long prompt at 20-50 tokens/s and writes at 2-40 tokens/s, so an
+# 8k-token prompt and a 2k-token answer can take 10-20 minutes; a hosted API answers in well under 5
+HOSTED_LLM_TIMEOUT, LOCAL_LLM_TIMEOUT = 300.0, 1800.0
+# an answer is well under 1,500 tokens; a runaway reply (a base model never stops) runs to the cap, which on a local
+# CPU server at 5-40 tokens/s costs minutes per call and room in a small context
+HOSTED_MAX_TOKENS, LOCAL_MAX_TOKENS = 4096, 2048
+
+
+def llm_defaults(provider: str, base_url: str | None) -> tuple[float, int]:
+    """(llm_timeout, max_tokens) for a provider: longer and shorter for a server on this machine."""
+    if is_local_url(llm_host(provider, base_url)):
+        return LOCAL_LLM_TIMEOUT, LOCAL_MAX_TOKENS
+    return HOSTED_LLM_TIMEOUT, HOSTED_MAX_TOKENS
+
+
 def valid_resources(value) -> bool:
     """A Ray resource request: a non-empty {name: positive amount}."""
     return isinstance(value, dict) and bool(value) and all(
@@ -96,8 +112,10 @@ class AgentConfig:
     # "auto" = structured answers (tool / response_format / format schema) where the provider offers them, falling back
     # to free text for the session when the server fails the schema; "json" = structured only; "text" = free text
     answer_format: str = "auto"
-    max_tokens: int = 4096
-    llm_timeout: float = 300.0
+    max_tokens: int | None = None  # the answer's cap; None: llm_defaults (4096 hosted, 2048 on a local server)
+    llm_timeout: float | None = None  # seconds per call; None: llm_defaults (300 hosted, 1800 on a local server)
+    context_tokens: int | None = None  # the model's context window; None: the server's, the table's or 8192
+    max_unusable_answers: int = 5  # unusable answers in a row before the loop stops with a diagnosis (0: never)
     llm_attempts: int = 6
     backoff_base: float = 2.0
     backoff_cap: float = 120.0
@@ -168,6 +186,13 @@ class AgentConfig:
             raise ConfigError(f"--workers {self.workers} but --devices names {len(devices)}: give one of them (one "
                               f"slot per device)")
         workers = len(devices) if devices else self.workers
+        timeout_default, tokens_default = llm_defaults(self.provider, self.base_url)
+        max_tokens = self.max_tokens or tokens_default
+        if max_tokens < 1 or (self.llm_timeout is not None and self.llm_timeout <= 0):
+            raise ConfigError("--max-tokens and --llm-timeout must be positive")
+        if self.context_tokens is not None and self.context_tokens <= max_tokens:
+            raise ConfigError(f"--context-tokens {self.context_tokens} leaves no room for the prompt next to "
+                              f"--max-tokens {max_tokens}: give a larger context or a smaller --max-tokens")
         budget = self.time_budget if self.time_budget is not None else read_time_budget(repo)
         results = Path(self.results).expanduser() if self.results else repo / "results.tsv"
         results = results if results.is_absolute() else (repo / results)
@@ -175,7 +200,8 @@ class AgentConfig:
         runs = runs if runs.is_absolute() else (repo / runs)
         status = Path(self.status_file) if self.status_file else results.parent / ".runner_status.json"
         return replace(self, repo=repo, results=results.resolve(), runs_dir=runs.resolve(), status_file=status,
-                       workers=workers, devices=devices, time_budget=budget, timeout=self.timeout or default_timeout(budget),
+                       max_tokens=max_tokens, llm_timeout=self.llm_timeout or timeout_default, workers=workers,
+                       devices=devices, time_budget=budget, timeout=self.timeout or default_timeout(budget),
                        budget_allowance=(default_allowance(budget) if self.budget_allowance is None
                                          else self.budget_allowance))
 

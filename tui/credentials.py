@@ -61,6 +61,18 @@ def is_local_url(url: str | None) -> bool:
     return host in ("localhost", "127.0.0.1", "::1", "0.0.0.0") or host.endswith(".local")
 
 
+BASE_URL_VARS = {"anthropic": "ANTHROPIC_BASE_URL", "openai": "OPENAI_BASE_URL"}  # what the SDKs read themselves
+
+
+def llm_host(provider: str, base_url: str | None) -> str:
+    """The URL the provider's client talks to when it is not the vendor's own: --base-url, the SDK's environment
+    variable, or Ollama's host (OLLAMA_HOST or its default); "" for the vendor's API."""
+    host = base_url or os.environ.get(BASE_URL_VARS.get(provider, ""), "")
+    if provider == "ollama":
+        host = host or os.environ.get("OLLAMA_HOST") or "127.0.0.1:11434"
+    return host if not host or "://" in host else "http://" + host
+
+
 def _check_provider(provider: str) -> None:
     if provider not in PROVIDERS:
         raise CredentialError(f"unknown provider {provider!r}: choose one of {', '.join(PROVIDERS)}")

@@ -202,7 +202,9 @@ def run_headless(config: AgentConfig, out=None, err=None) -> int:
     st, usage = summary.totals, summary.usage
     minutes = (time.monotonic() - t0) / 60
     console.say(f"summary: {summary.reason}")
-    console.say(f"  {summary.experiments} experiments this session in {minutes:.1f} min; tag totals: runs {st.runs}, "
+    skipped = f" ({summary.skipped} of them skipped: nothing trained)" if summary.skipped else ""
+    console.say(f"  {summary.experiments} experiment{'' if summary.experiments == 1 else 's'} this session{skipped} "
+                f"in {minutes:.1f} min; tag totals: runs {st.runs}, "
                 f"kept {st.kept}, discarded {st.discarded}, crashed {st.crashed}, skipped {st.skipped}")
     console.say(f"  best val_bpb {_fmt_bpb(st.best_val_bpb)}" + (f" (exp{st.best_exp})" if st.best_exp is not None
                                                                 else "")

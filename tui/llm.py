@@ -88,8 +88,9 @@ class Interrupted(Exception):
     """A stop/abort/skip command arrived while waiting for the LLM."""
 
 
-def call_with_retry(fn, policy: RetryPolicy, wait, on_retry=None):
-    """Call fn() until it succeeds, a non-retryable LLMError is raised, or attempts run out (last error re-raised).
+def call_with_retry(fn, policy: RetryPolicy, wait, on_retry=None, retry=("retryable",)):
+    """Call fn() until it succeeds, an LLMError of a kind not in `retry` is raised, or attempts run out (last error
+    re-raised).
 
     wait(seconds) -> bool sleeps interruptibly and returns False when the caller wants to give up (then Interrupted).
     on_retry(attempt, delay, err) is told about each retry.
@@ -98,7 +99,7 @@ def call_with_retry(fn, policy: RetryPolicy, wait, on_retry=None):
         try:
             return fn()
         except LLMError as err:
-            if err.kind != "retryable" or attempt == policy.attempts - 1:
+            if err.kind not in retry or attempt == policy.attempts - 1:
                 raise
             delay = policy.delay(attempt, err)
             if on_retry:
@@ -113,8 +114,8 @@ def run_interruptibly(fn, cancelled, poll: float = 0.05, timeout: float | None =
 
     cancelled() -> bool is polled; when it turns true the call is abandoned (its result is dropped) and Interrupted
     is raised. timeout is the whole call's budget in seconds: the SDKs' own timeout is per read, so a server sending
-    a byte now and then keeps a call alive indefinitely. Past it the call is abandoned the same way and a retryable
-    LLMError is raised, so the retry policy applies.
+    a byte now and then keeps a call alive indefinitely. Past it the call is abandoned the same way and an LLMError
+    of kind "timeout" is raised (the caller decides what a smaller request would be: tui.proposer).
     """
     box: dict = {}
     done = threading.Event()
@@ -133,7 +134,7 @@ def run_interruptibly(fn, cancelled, poll: float = 0.05, timeout: float | None =
         if cancelled():
             raise Interrupted()
         if deadline is not None and time.monotonic() >= deadline:
-            raise LLMError("retryable", f"no complete answer within {timeout:g}s")
+            raise LLMError("timeout", f"no complete answer within {timeout:g}s")
     if "error" in box:
         raise box["error"]
     return box["value"]
@@ -144,7 +145,7 @@ def run_interruptibly(fn, cancelled, poll: float = 0.05, timeout: float | None =
 # ---------------------------------------------------------------------------
 
 
-def _price_key(model: str) -> str:
+def model_key(model: str) -> str:
     name = model.split("/")[-1].lower()  # openrouter: "anthropic/claude-sonnet-4.6"
     name = name.replace(".", "-")
     for suffix in ("-latest",):
@@ -152,13 +153,20 @@ def _price_key(model: str) -> str:
     return name
 
 
+def family_lookup(table: dict, model: str):
+    """table[model] by its name as model_key spells it (table keys too: "gpt-4.1" and "gpt-4-1" are one model); a dated
+    snapshot ("claude-sonnet-4-5-20250929", "gpt-4.1-2025-04-14") or a variant gets its family's entry (the longest
+    key it starts with); None when no family matches."""
+    key = model_key(model)
+    keys = {model_key(k): k for k in table}
+    if key in keys:
+        return table[keys[key]]
+    best = max((k for k in keys if key.startswith(k + "-")), key=len, default=None)
+    return table[keys[best]] if best else None
+
+
 def price_for(model: str) -> tuple[float, float] | None:
-    key = _price_key(model)
-    if key in PRICES:
-        return PRICES[key]
-    # dated snapshots ("claude-sonnet-4-5-20250929", "gpt-4.1-2025-04-14") cost what their family costs
-    best = max((k for k in PRICES if key.startswith(k + "-")), key=len, default=None)
-    return PRICES[best] if best else None
+    return family_lookup(PRICES, model)
 
 
 def estimate_cost(model: str, input_tokens: int, output_tokens: int, free: bool = False) -> float | None:
@@ -175,7 +183,8 @@ class Usage:
     input_tokens: int = 0
     output_tokens: int = 0
     cost_usd: float | None = 0.0  # None once any call had an unknown price
-    calls: int = 0
+    calls: int = 0  # calls answered
+    failed: int = 0  # calls that got no answer (an error, a timeout, a command)
 
     @property
     def tokens(self) -> int:

@@ -111,11 +111,12 @@ class HardwareDetected(Message):
 
 @dataclass(eq=False)
 class DetailReady(Message):
-    """An experiment's diff and log tail, read off the app's thread for the detail view."""
+    """An experiment's diff, log tail and LLM calls, read off the app's thread for the detail view."""
     title: str
     diff: str
     log: str
     log_name: str
+    llm: str | None = None
 
 
 class Forward(AgentListener):

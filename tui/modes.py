@@ -49,9 +49,11 @@ from tui.results import Row, rows_for_tag, summarize
 from tui.status_file import STATUS_NAME, read_status
 from tui.sysmem import MemoryMonitor
 from tui.training_run import TrainingRun, kill_process_group
-from tui.watch import LogFollower, experiment_diff, experiment_log, log_tail, read_results, signature
+from tui.watch import (LogFollower, experiment_diff, experiment_llm_calls, experiment_log, log_tail, read_results,
+                       signature)
 from tui.widgets import (LEVEL_STYLES, STATUS_STYLES, ActivityLog, BpbChart, DetailScreen, ExperimentsTable,
-                         HardwarePanel, LossChart, SlotsPanel, StatusPanel, TrainingPanel, fmt_duration)
+                         HardwarePanel, LossChart, SlotsPanel, StatusPanel, TrainingPanel, fmt_duration,
+                         starting_note)
 
 VIEWS = ("table", "charts", "log")  # what the lower half shows on a small terminal, cycled with `v`
 COMPACT_HEIGHT = 34  # below this many rows (or COMPACT_WIDTH columns) the lower half shows one view at a time
@@ -385,12 +387,13 @@ class DashboardScreen(Screen):
         log_path = experiment_log(self.files.runs_dir, row)
         tail = log_tail(log_path) if log_path and log_path.exists() else f"(no log at {log_path})"
         diff = experiment_diff(self.files.repo, row)
+        llm = experiment_llm_calls(self.files.runs_dir, row)
         if not get_current_worker().is_cancelled:  # a newer request replaced this one
             self.post(DetailReady(f"exp{row.exp} · {row.status} · {row.description}", diff, tail,
-                                  log_path.name if log_path else "log"))
+                                  log_path.name if log_path else "log", llm))
 
     def on_detail_ready(self, message: DetailReady) -> None:
-        self.app.push_screen(DetailScreen(message.title, message.diff, message.log, message.log_name))
+        self.app.push_screen(DetailScreen(message.title, message.diff, message.log, message.log_name, message.llm))
 
     # -------------------------------------------------------------------------
     # Quitting
@@ -713,7 +716,8 @@ class AgentScreen(DashboardScreen):
         run = f" (run {info.run + 1})" if info.run else ""
         slot = f"[slot {info.slot}] " if info.slot else ""
         if self.follows(info.slot):
-            self.new_run(f"{slot}exp{info.exp}{run} · {info.description}", f"exp{info.exp}")
+            self.new_run(f"{slot}exp{info.exp}{run} · {info.description}", f"exp{info.exp}",
+                         note=starting_note(self.orch.backend if self.orch else None, self.orch and self.orch.hardware))
         commit = f"  [{info.commit}]" if info.commit else ""
         self.log_line(f"{slot}exp{info.exp}{run}: {info.description}{commit}", "bold cyan")
         if info.reasoning and not info.baseline:
@@ -753,8 +757,10 @@ class AgentScreen(DashboardScreen):
             self.exit_status = 0 if summary.ok else 1
             self.final_error = None if summary.ok else summary.reason
             best = summary.totals.best_val_bpb
-            self.log_line(f"agent stopped: {summary.reason} · {summary.experiments} experiments this session · "
-                          f"best {'-' if best is None else f'{best:.6f}'}", "bold" if summary.ok else "bold red")
+            skipped = f" ({summary.skipped} skipped)" if summary.skipped else ""
+            self.log_line(f"agent stopped: {summary.reason} · {summary.experiments} experiments this session"
+                          f"{skipped} · best {'-' if best is None else f'{best:.6f}'}",
+                          "bold" if summary.ok else "bold red")
         self.training.wait("The agent has stopped: q quits, enter shows an experiment")
         self.engine_done()
 

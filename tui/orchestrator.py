@@ -71,8 +71,9 @@ class RunSummary:
     reason: str
     totals: Summary  # the tag's results
     usage: Usage  # this session's LLM calls
-    experiments: int  # experiments finished in this session (rows written)
+    experiments: int  # experiments finished in this session (rows written), skips included
     aborted: bool = False
+    skipped: int = 0  # of those, skips: no experiment ran (nothing trained)
 
 
 class _Status:
@@ -93,7 +94,8 @@ class Orchestrator:
         self.events = ListenerGroup(listeners)
         self.controls = Controls()
         self.status = _Status(self.events, lambda text: self.proposer.redact(text))
-        self.proposer = Proposer(self.cfg, self.controls, self.status, self._log, provider)
+        self.proposer = Proposer(self.cfg, self.controls, self.status, self._log, provider,
+                                 on_call=self._refresh_stats)
         self.keep_rule = keep_rule or make_keep_rule(self.cfg.keep_rule, noise_runs=self.cfg.noise_runs,
                                                      confirm_runs=self.cfg.confirm_runs, plateau=self.cfg.plateau)
         self.executor = executor or make_executor(self.cfg)
@@ -104,7 +106,7 @@ class Orchestrator:
         self.rows: list = []  # results rows of this tag
         self._handle = None  # the run in progress
         self._committed: Trial | None = None  # an experiment commit without its rows yet (reverted on abort)
-        self._skips_in_a_row = self._crashes_in_a_row = self._session_rows = 0
+        self._skips_in_a_row = self._crashes_in_a_row = self._session_rows = self._session_skips = 0
         self._fatal: str | None = None  # a run left what cannot be repaired (tui.integrity.Repair.fatal)
         self._last_note = ""
         self._lock_held = False
@@ -194,7 +196,7 @@ class Orchestrator:
         finally:
             self._shutdown(ok, reason)
         return RunSummary(ok, self.redact(reason), summarize(self.rows), dataclasses.replace(self.usage),
-                          self._session_rows, aborted=self.controls.abort_flag.is_set())
+                          self._session_rows, aborted=self.controls.abort_flag.is_set(), skipped=self._session_skips)
 
     def _loop(self) -> str:
         """One experiment at a time; returns why it ended."""
@@ -220,7 +222,12 @@ class Orchestrator:
             self._check_guards()
 
     def _max_reason(self) -> str:
-        return f"reached --max {self.cfg.max_experiments} (exp0..exp{self.cfg.max_experiments - 1})"
+        """--max bounds the experiment numbers, skips included: the rows, refs and commits are numbered by it, and a
+        flaky LLM cannot stretch a night without end. The reason says how many of them really ran."""
+        s = summarize(self.rows)
+        skipped = f", {s.skipped} skipped (no experiment ran: see their notes)" if s.skipped else ""
+        return (f"reached --max {self.cfg.max_experiments} (exp0..exp{self.cfg.max_experiments - 1}: {s.runs} "
+                f"experiment{'' if s.runs == 1 else 's'} with a result{skipped})")
 
     def _startup(self) -> None:
         try:
@@ -235,7 +242,8 @@ class Orchestrator:
         s = summarize(self.rows)
         if s.next_exp > 0:
             best = f"{s.best_val_bpb:.6f} (exp{s.best_exp})" if s.best_val_bpb is not None else "none yet"
-            self._log(f"resuming at exp{s.next_exp}: {s.runs} experiments so far ({s.kept} kept, {s.discarded} "
+            self._log(f"resuming at exp{s.next_exp}: {s.runs} experiment{'' if s.runs == 1 else 's'} so far "
+                      f"({s.kept} kept, {s.discarded} "
                       f"discarded, {s.crashed} crashed, {s.skipped} skipped), best val_bpb {best}")
             note = self.keep_rule.noise_summary(self.rows)
             if note:
@@ -249,6 +257,9 @@ class Orchestrator:
         cfg = self.cfg
         if self._fatal:
             raise FatalError(self._fatal)
+        diagnosis = self.proposer.diagnosis()
+        if diagnosis:
+            raise FatalError(diagnosis)
         if cfg.max_consecutive_skips and self._skips_in_a_row >= cfg.max_consecutive_skips:
             raise FatalError(f"{self._skips_in_a_row} experiments in a row were skipped (see the log): stopping; "
                              f"check the LLM provider, then start again to resume")
@@ -519,6 +530,7 @@ class Orchestrator:
                        tag=self.cfg.tag).redacted(self.redact)
         self._append(row)
         self._session_rows += 1
+        self._session_skips += 1
         self.events.emit("on_experiment_end", ExperimentResult(n, "skip", row.description, notes=row.notes, row=row))
 
     def _outage_pause(self) -> None:

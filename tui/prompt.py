@@ -550,6 +550,7 @@ class PromptContext:
     last_crash: str | None = None  # "expN (description):\n<tail of its output>"
     notes: list = field(default_factory=list)  # extra guidance (plateau, noise floor, ...) from later features
     running: list = field(default_factory=list)  # "expN: description" of each experiment in flight (several slots)
+    script_lines: int | None = None  # scope file: show only the script's first N lines (tui.context fits the prompt)
 
 
 def format_for(scope: str, structured: bool) -> str:
@@ -648,7 +649,12 @@ def user_prompt(ctx: PromptContext) -> str:
         block = find_hparams(ctx.source).block
         parts += ["", f"Current hyperparameter block of {ctx.script_name}:", "```python", block.rstrip("\n"), "```"]
     else:
-        parts += ["", f"Current {ctx.script_name}:", "```python", ctx.source.rstrip("\n"), "```"]
+        lines = ctx.source.rstrip("\n").split("\n")
+        shown = lines if ctx.script_lines is None else lines[:ctx.script_lines]
+        parts += ["", f"Current {ctx.script_name}:", "```python", *shown, "```"]
+        if len(shown) < len(lines):
+            parts.append(f"(lines {len(shown) + 1}-{len(lines)} of {ctx.script_name} are not shown: the model's "
+                         f"context window is too small for the whole script; edit only the lines shown)")
     parts += [""] + [str(n) for n in ctx.notes]
     parts.append(f"Propose experiment {ctx.exp}: ONE change, in the answer format.")
     return "\n".join(parts)
@@ -657,3 +663,18 @@ def user_prompt(ctx: PromptContext) -> str:
 def corrective_prompt(error: str, scope: str, structured: bool = False) -> str:
     return (f"Your answer could not be used: {error}.\n"
             f"Reply again with the complete answer in exactly this format:\n{format_for(scope, structured)}")
+
+
+EXCERPT_HEAD, EXCERPT_TAIL = 1200, 400  # characters of an unusable answer shown back to the model
+
+
+def answer_excerpt(text: str) -> str:
+    """What the corrective retry shows of an unusable answer: all of a short one, else its start and its end (the
+    error says what was wrong; the whole runaway reply again would only fill the context)."""
+    text = text.strip()
+    if not text:
+        return "(empty answer)"
+    if len(text) <= EXCERPT_HEAD + EXCERPT_TAIL + 100:
+        return text
+    left = len(text) - EXCERPT_HEAD - EXCERPT_TAIL
+    return f"{text[:EXCERPT_HEAD]}\n[... {left:,} characters of this answer left out ...]\n{text[-EXCERPT_TAIL:]}"

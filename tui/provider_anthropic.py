@@ -2,8 +2,9 @@
 call (tool_choice names it); the answer is that tool_use block's input."""
 
 import json
+import os
 
-from tui.llm_base import AnswerSpec, LLMError, LLMReply, Provider, normalise_stop, translate_sdk_error
+from tui.llm_base import AnswerSpec, LLMError, LLMReply, Provider, llama_cpp_window, stop_reason, translate_sdk_error
 
 
 def _error_message(e) -> str:
@@ -25,6 +26,7 @@ class AnthropicProvider(Provider):
         # our retry policy does the retrying, so the SDK's own is off
         self._client = anthropic.Anthropic(api_key=api_key, base_url=base_url, timeout=timeout, max_retries=0)
         self.max_tokens = max_tokens
+        self.base_url = base_url or os.environ.get("ANTHROPIC_BASE_URL") or None  # the SDK reads it too
 
     def _translate(self, e: Exception) -> LLMError:
         return translate_sdk_error(self._sdk, e, _error_message)
@@ -36,15 +38,16 @@ class AnthropicProvider(Provider):
         except self._sdk.AnthropicError as e:
             raise self._translate(e) from None
 
-    def complete(self, system: str, messages: list[dict], answer: AnswerSpec | None = None) -> LLMReply:
+    def complete(self, system: str, messages: list[dict], answer: AnswerSpec | None = None,
+                 max_tokens: int | None = None) -> LLMReply:
         tools = {}
         if answer is not None:
             tools = {"tools": [{"name": answer.name, "description": answer.description,
                                 "input_schema": answer.schema}],
                      "tool_choice": {"type": "tool", "name": answer.name}}
         try:
-            r = self._client.messages.create(model=self.model, max_tokens=self.max_tokens, system=system,
-                                             messages=messages, **tools)
+            r = self._client.messages.create(model=self.model, max_tokens=max_tokens or self.max_tokens,
+                                             system=system, messages=messages, **tools)
         except self._sdk.AnthropicError as e:
             raise self._translate(e) from None
         text = "".join(getattr(b, "text", "") for b in r.content if getattr(b, "type", "") == "text")
@@ -54,4 +57,8 @@ class AnthropicProvider(Provider):
             text = json.dumps(data, ensure_ascii=False)
         usage = getattr(r, "usage", None)
         return LLMReply(text, getattr(usage, "input_tokens", 0) or 0, getattr(usage, "output_tokens", 0) or 0,
-                        data=data, stop_reason=normalise_stop(r.stop_reason))
+                        data=data, stop_reason=stop_reason(r.stop_reason))
+
+    def context_window(self) -> int | None:
+        # a custom base URL may be a llama.cpp server (it speaks the Messages API too); Anthropic's own: the table
+        return llama_cpp_window(self.base_url)

@@ -2,7 +2,7 @@
 llama.cpp server, LM Studio, Ollama's /v1. A structured answer is asked for with response_format json_schema in
 strict mode (the servers constrain decoding to it); the answer is the message content parsed as JSON."""
 
-from tui.llm_base import AnswerSpec, LLMError, LLMReply, Provider, json_object, normalise_stop, translate_sdk_error
+from tui.llm_base import AnswerSpec, LLMError, LLMReply, Provider, json_object, llama_cpp_window, stop_reason, translate_sdk_error
 
 LOCAL_PLACEHOLDER_KEY = "not-needed"  # local servers ignore the key, but the SDK insists on one
 
@@ -42,9 +42,11 @@ class OpenAIProvider(Provider):
         except self._sdk.OpenAIError as e:
             raise self._translate(e) from None
 
-    def complete(self, system: str, messages: list[dict], answer: AnswerSpec | None = None) -> LLMReply:
+    def complete(self, system: str, messages: list[dict], answer: AnswerSpec | None = None,
+                 max_tokens: int | None = None) -> LLMReply:
+        cap = max_tokens or self.max_tokens
         # api.openai.com's newer models only take max_completion_tokens; compatible servers know max_tokens
-        extra = {"max_completion_tokens": self.max_tokens} if self.base_url is None else {"max_tokens": self.max_tokens}
+        extra = {"max_completion_tokens": cap} if self.base_url is None else {"max_tokens": cap}
         if answer is not None:
             extra["response_format"] = {"type": "json_schema", "json_schema": {
                 "name": answer.name, "description": answer.description, "strict": True, "schema": answer.schema}}
@@ -59,4 +61,8 @@ class OpenAIProvider(Provider):
         usage = r.usage
         return LLMReply(text, getattr(usage, "prompt_tokens", 0) or 0, getattr(usage, "completion_tokens", 0) or 0,
                         data=json_object(text) if answer is not None else None,
-                        stop_reason=normalise_stop(r.choices[0].finish_reason))
+                        stop_reason=stop_reason(r.choices[0].finish_reason))
+
+    def context_window(self) -> int | None:
+        # llama.cpp tells (GET /props); OpenAI, OpenRouter, vLLM and LM Studio do not here: the table or the option
+        return llama_cpp_window(self.base_url) if self.base_url and "openrouter.ai" not in self.base_url else None

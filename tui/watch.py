@@ -1,21 +1,24 @@
 """What the dashboard reads from disk, strictly read-only: results.tsv while an agent may be appending to it, the
-newest runs/expN.log as it grows, and an experiment's diff and log tail for the detail view.
+newest runs/expN.log as it grows, and an experiment's diff, log tail and LLM calls for the detail view.
 
 Only the agent that owns results.tsv repairs a torn last line (ResultsFile.load(repair=True)); a viewer racing the
 writer just ignores an unterminated line.
 No textual here: the app polls these from its timers.
 """
 
+import json
 import os
 import re
 from pathlib import Path
 
+from tui.atomic import read_regular
 from tui.git_repo import REF_NAMESPACE, GitError, GitRepo
 from tui.parser import OutputParser, parse_step
 from tui.results import NO_COMMIT, ResultsFile, Row
 
 LOG_NAME_RE = re.compile(r"^exp(\d+)(?:-run(\d+))?\.log$")
 TAIL_LINES = 40
+REPLY_CHARS = 4000  # of each LLM reply in the detail view (the whole reply is in runs/expN.llm.jsonl)
 MAX_READ = 8 << 20  # bytes of a log read per poll (a runaway log must not stall the screen)
 
 # ---------------------------------------------------------------------------
@@ -156,3 +159,43 @@ def experiment_log(runs_dir, row: Row) -> Path | None:
         return None
     name = f"exp{row.exp}-run{row.run}.log" if row.run > 0 else f"exp{row.exp}.log"
     return Path(runs_dir) / name
+
+
+def experiment_llm_path(runs_dir, row: Row) -> Path | None:
+    return None if row.exp is None else Path(runs_dir) / f"exp{row.exp}.llm.jsonl"
+
+
+def experiment_llm_calls(runs_dir, row: Row) -> str:
+    """The LLM calls of an experiment (runs/expN.llm.jsonl, tui.proposer) as the detail view shows them: per call
+    what was sent (its size), how long it took, why the answer ended, and the reply or the error."""
+    path = experiment_llm_path(runs_dir, row)
+    if path is None or row.exp == 0:
+        return "(the baseline asks no LLM)"
+    try:
+        data = read_regular(path, MAX_READ).decode("utf-8", errors="replace")
+    except OSError:
+        return f"(no LLM calls recorded at {path})"
+    out = []
+    for i, line in enumerate(data.splitlines(), 1):
+        try:
+            c = json.loads(line)
+        except ValueError:  # a line being written (never: the file is replaced whole) or a foreign one
+            continue
+        head = [f"call {i}", str(c.get("time", "")), f"{c.get('seconds', 0):.1f} s",
+                f"~{c.get('prompt_tokens_estimate', 0):,} prompt tokens ({c.get('prompt_chars', 0):,} chars)",
+                f"max_tokens {c.get('max_tokens', '-')}"]
+        if "error" in c:
+            head.append(f"error ({c.get('error_kind', '?')}): {c['error']}")
+        else:
+            head.append(f"stop {c.get('stop_reason') or '?'}")
+            head.append(f"usage {c.get('input_tokens', 0):,} in / {c.get('output_tokens', 0):,} out")
+        out.append(" · ".join(head))
+        if c.get("trimmed"):
+            out.append(f"  trimmed to fit: {c['trimmed']}")
+        reply = c.get("reply")
+        if reply is not None:
+            more = len(reply) - REPLY_CHARS
+            shown = reply if more <= 0 else reply[:REPLY_CHARS] + f"\n[... {more:,} more characters in {path.name}]"
+            out.append(shown if shown.strip() else "(empty reply)")
+        out.append("")
+    return "\n".join(out).strip() or f"(no LLM calls recorded in {path})"

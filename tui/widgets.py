@@ -33,6 +33,7 @@ STATUS_STYLES = {"keep": "green", "discard": "red", "crash": "magenta", "skip": 
 BASELINE_STYLE = "cyan"
 LEVEL_STYLES = {"info": "", "warning": "yellow", "error": "bold red"}
 # single-width symbols only: emoji widths differ between terminals and would break the borders
+TIMED_STATES = ("thinking", "waiting")  # the status line says how long these have lasted
 STATE_ICONS = {
     "idle": ("◯", "dim"), "initializing": ("⟳", "cyan"), "baseline": ("▶", "cyan"),
     "thinking": ("◐", "yellow"), "waiting": ("⧗", "yellow"), "committing": ("✎", "white"),
@@ -120,6 +121,20 @@ def status_style(row: Row) -> str:
 # ---------------------------------------------------------------------------
 
 
+COMPILING_BACKENDS = ("cuda", "mlx")  # train.py compiles on CUDA only (torch.compile), train_mlx.py always
+
+
+def starting_note(backend: str | None, hardware: dict | None = None) -> str:
+    """What the training panel says before the first step: compiling only where the trainer compiles (a CPU or MPS
+    run does not), a plain wait where nothing says which backend it is."""
+    kind = (hardware or {}).get("kind")
+    if backend in COMPILING_BACKENDS or (backend is None and kind in ("nvidia", "amd")):
+        return "Starting… (the first step can take a while: compiling)"
+    if backend is None and kind is None:
+        return "Starting… (the first step can take a while)"
+    return "Starting…"
+
+
 class TrainingPanel(Widget):
     """The current run: progress while it trains, the summary block once it is done."""
 
@@ -133,7 +148,7 @@ class TrainingPanel(Widget):
         self.verdict: tuple | None = None  # (text, style) once the run is judged / ended
         self.running = False
 
-    def start(self, title: str, note: str = "Starting… (the first step can take a while: compiling)") -> None:
+    def start(self, title: str, note: str = starting_note(None)) -> None:
         self.title, self.note = title, note
         self.last, self.final, self.verdict, self.backend = None, None, None, None
         self.running = True
@@ -289,12 +304,14 @@ class HardwarePanel(Widget):
 
 
 def status_lines(state: str, message: str, pause_pending: bool, summary: Summary | None, usage: Usage,
-                 extra: dict) -> list[Text]:
-    """The loop status panel's lines: the state; the tag's totals and best; the keep rule's figures and LLM usage."""
+                 extra: dict, elapsed: float | None = None) -> list[Text]:
+    """The loop status panel's lines: the state (with how long it has lasted, while the LLM thinks: a call of
+    minutes must not look like a hang); the tag's totals and best; the keep rule's figures and LLM usage."""
     icon, style = STATE_ICONS.get(state, ("•", ""))
     pausing = ("pausing after this experiment · ", "bold yellow") if pause_pending and \
         state not in ("paused", "stopped", "failed") else ""
-    lines = [line((f"{icon} {state.upper()}", f"bold {style}"), "  ", pausing, message)]
+    since = (f" · {fmt_duration(elapsed)}", "dim") if elapsed is not None and state in TIMED_STATES else ""
+    lines = [line((f"{icon} {state.upper()}", f"bold {style}"), "  ", pausing, message, since)]
     if summary is None:
         return lines
     best = "-" if summary.best_val_bpb is None else f"{summary.best_val_bpb:.6f}"
@@ -312,9 +329,11 @@ def status_lines(state: str, message: str, pause_pending: bool, summary: Summary
     for key, value in extra.items():
         shown = f"{value:.4g}" if isinstance(value, float) else str(value)
         u.append_text(Text.assemble((f"{key} ", "dim"), shown, "  "))
-    if usage.calls or usage.tokens:
+    if usage.calls or usage.tokens or usage.failed:
         u.append_text(Text.assemble(("LLM ", "dim"), f"{usage.tokens:,} tokens", ("  cost ", "dim"),
                                     format_cost(usage.cost_usd)))
+        if usage.failed:
+            u.append_text(Text.assemble(("  failed calls ", "dim"), (str(usage.failed), "yellow")))
     elif state != "watching":
         u.append("LLM no calls yet", style="dim")
     u.rstrip()
@@ -340,6 +359,7 @@ class StatusPanel(Vertical):
         self.extra: dict = {}  # the keep rule's figures (noise floor, margin, plateau)
         self.pause_pending = False
         self.context = ""  # shown on the bottom border, e.g. "max 100 · scope hparams"
+        self.since = time.monotonic()  # when the state began (TIMED_STATES show how long ago)
 
     def compose(self) -> ComposeResult:
         for _ in range(3):
@@ -347,8 +367,15 @@ class StatusPanel(Vertical):
 
     def on_mount(self) -> None:
         self.show()
+        self.set_interval(1.0, self._tick)
+
+    def _tick(self) -> None:
+        if self.state in TIMED_STATES:
+            self.show()
 
     def set_state(self, state: str, message: str = "") -> None:
+        if state != self.state:
+            self.since = time.monotonic()
         self.state, self.message = state, message
         self.border_subtitle = self.context
         self.show()
@@ -362,7 +389,8 @@ class StatusPanel(Vertical):
         self.show()
 
     def show(self) -> None:
-        lines = status_lines(self.state, self.message, self.pause_pending, self.summary, self.usage, self.extra)
+        lines = status_lines(self.state, self.message, self.pause_pending, self.summary, self.usage, self.extra,
+                             time.monotonic() - self.since)
         for i, static in enumerate(self.query_children(Static)):
             static.display = i < len(lines)
             if i < len(lines):
@@ -623,14 +651,16 @@ def diff_text(diff: str) -> Text:
 
 
 class DetailScreen(ModalScreen):
-    """A modal with what an experiment changed and how its training ended."""
+    """A modal with what an experiment changed, how its training ended and, for an experiment that asked the LLM,
+    every call's reply (runs/expN.llm.jsonl: a skipped row shows why it was skipped)."""
 
     BINDINGS = [Binding("escape", "dismiss", "Close"), Binding("q", "dismiss", "Close"),
                 Binding("enter", "dismiss", "Close", show=False)]
 
-    def __init__(self, title: str, diff: str, log: str, log_name: str = "log"):
+    def __init__(self, title: str, diff: str, log: str, log_name: str = "log", llm: str | None = None):
         super().__init__()
         self.title_text, self.diff_body, self.log_body, self.log_name = title, diff, log, log_name
+        self.llm_body = llm
 
     def compose(self) -> ComposeResult:
         with Vertical(id="detail"):
@@ -639,6 +669,9 @@ class DetailScreen(ModalScreen):
                 yield Static(diff_text(self.diff_body or "(empty)"), id="detail-diff")
                 yield Static(Text(f"\n{self.log_name} (tail)", style="bold underline"))
                 yield Static(Text(self.log_body or "(no log)", no_wrap=True, overflow="crop"), id="detail-log")
+                if self.llm_body is not None:
+                    yield Static(Text("\nLLM calls", style="bold underline"))
+                    yield Static(Text(self.llm_body or "(none)", overflow="fold"), id="detail-llm")
             yield Static(Text("esc / q / enter: close · arrows: scroll", style="dim"), id="detail-help")
 
     def on_mount(self) -> None:

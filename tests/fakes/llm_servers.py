@@ -9,6 +9,8 @@ Ollama API, answering from a script (a queue of replies: text, errors with statu
     server.prompts()  # the user prompts the server received, in order
     server.push(server.trickling(server.text("..."), every=0.05))  # the body one byte every 50 ms
     server.reject_schema = True  # a server without structured output: 400 for any request that asks for it
+    FakeLLMServer("openai", n_ctx=2048)  # like llama-server -c 2048: GET /props tells it, longer prompts are refused
+    FakeLLMServer("anthropic", check=False)  # no GET /v1/models/<id> (llama-server's Messages API)
 
 A chat request is checked the way the real service checks it before any scripted reply is sent: Anthropic's tools
 (name, an object input_schema) and tool_choice (naming one of them); OpenAI's response_format (json_schema with a name
@@ -17,6 +19,7 @@ format ("json" or a schema object). A request that fails gets the HTTP 400 the s
 """
 
 import json
+import math
 import re
 import threading
 import time
@@ -25,6 +28,18 @@ from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 KINDS = ("anthropic", "openai", "ollama")
+CHAT_PATHS = {"anthropic": "/v1/messages", "openai": "/v1/chat/completions", "ollama": "/api/chat"}
+CHARS_PER_TOKEN = 3.1  # what llama-server counted with Gemma 3's tokenizer for train.py
+TEMPLATE_TOKENS = 4  # per message: <start_of_turn>role ... <end_of_turn>
+
+
+def count_tokens(body: dict) -> int:
+    """The prompt tokens of a chat request, as a llama.cpp server with a Gemma-like tokenizer counts them."""
+    texts = [body.get("system") or ""] if isinstance(body.get("system"), str) else []
+    messages = body.get("messages") or []
+    texts += [m.get("content") if isinstance(m.get("content"), str) else
+              "".join(part.get("text", "") for part in m.get("content") or []) for m in messages]
+    return sum(math.ceil(len(t) / CHARS_PER_TOKEN) for t in texts) + TEMPLATE_TOKENS * (len(messages) + 1)
 
 
 @dataclass
@@ -156,9 +171,16 @@ def _error_type(status: int) -> str:
 
 
 class FakeLLMServer:
-    def __init__(self, kind: str, models=("qwen2.5-coder:7b",)):
+    """n_ctx: a llama.cpp server's context (GET /props says it unless props=False; a longer prompt is refused with
+    llama-server's own HTTP 400, a prompt and answer longer than it are cut there, usage counts the prompt);
+    overflow_500: refuse with llama.cpp's older HTTP 500 "Context size has been exceeded" (no numbers) instead;
+    check=False: no start-up check endpoint (404)."""
+
+    def __init__(self, kind: str, models=("qwen2.5-coder:7b",), n_ctx: int | None = None, props: bool = True,
+                 overflow_500: bool = False, check: bool = True):
         assert kind in KINDS
         self.kind = kind
+        self.n_ctx, self.props, self.overflow_500, self.check = n_ctx, props, overflow_500, check
         self.chat_replies: deque = deque()
         self.check_replies: deque = deque()
         self.requests: list = []
@@ -301,7 +323,8 @@ class FakeLLMServer:
     # -- inspection ------------------------------------------------------------
 
     def chat_requests(self) -> list:
-        return [r for r in self.requests if r.method == "POST"]
+        chat = CHAT_PATHS[self.kind]
+        return [r for r in self.requests if r.method == "POST" and r.path.split("?")[0] == chat]
 
     def prompts(self) -> list:
         """The last user message of each chat request."""
@@ -321,6 +344,11 @@ class FakeLLMServer:
         if req.method == "GET":
             if self.check_replies:
                 return self.check_replies.popleft()
+            if path == "/props" and self.n_ctx and self.props:
+                return Reply(200, {"default_generation_settings": {"n_ctx": self.n_ctx}, "total_slots": 1,
+                                   "model_path": "fake.gguf", "build_info": "fake"})
+            if not self.check:
+                return Reply(404, {"error": {"code": 404, "message": "File Not Found", "type": "not_found_error"}})
             if self.kind == "anthropic" and path.startswith("/v1/models/"):
                 return Reply(200, {"type": "model", "id": path.rsplit("/", 1)[-1], "display_name": "Fake",
                                    "created_at": "2025-01-01T00:00:00Z"})
@@ -331,7 +359,13 @@ class FakeLLMServer:
                 return Reply(200, {"models": [{"name": m, "model": m, "modified_at": "2025-01-01T00:00:00Z",
                                                "size": 1, "digest": "0" * 12, "details": {}} for m in self.models]})
             return self.error(404, f"no route GET {path}")
-        expected = {"anthropic": "/v1/messages", "openai": "/v1/chat/completions", "ollama": "/api/chat"}[self.kind]
+        if self.kind == "ollama" and path == "/api/show":  # what `ollama show` prints: the trained context, and
+            # num_ctx only when the Modelfile sets one
+            return Reply(200, {"modelfile": "", "parameters": f"num_ctx {self.n_ctx}" if self.n_ctx else "",
+                               "template": "{{ .Prompt }}", "details": {"format": "gguf", "family": "qwen2"},
+                               "model_info": {"general.architecture": "qwen2", "qwen2.context_length": 32768},
+                               "capabilities": ["completion"]})
+        expected = CHAT_PATHS[self.kind]
         if path != expected:
             return self.error(404, f"no route POST {path}")
         body = req.body if isinstance(req.body, dict) else {}
@@ -340,8 +374,44 @@ class FakeLLMServer:
         problem = PROBLEMS[self.kind](body)
         if problem:
             return self.error(400, problem)
+        if self.n_ctx and self.kind != "ollama":  # Ollama cuts a long prompt without a word: num_ctx must be sent
+            tokens = count_tokens(req.body)
+            if tokens > self.n_ctx:
+                if self.overflow_500:
+                    return self.error(500, "Context size has been exceeded.")
+                return Reply(400, {"error": {"code": 400, "message": f"request ({tokens} tokens) exceeds the available "
+                                             f"context size ({self.n_ctx} tokens), try increasing it",
+                                             "type": "exceed_context_size_error", "n_prompt_tokens": tokens,
+                                             "n_ctx": self.n_ctx}})
         if self.chat_replies:
-            return self.chat_replies.popleft()
-        if self.default_chat is not None:
-            return self.default_chat(req.body)
-        return self.error(500, "the test scripted no more replies")
+            reply = self.chat_replies.popleft()
+        elif self.default_chat is not None:
+            reply = self.default_chat(req.body)
+        else:
+            return self.error(500, "the test scripted no more replies")
+        return self._count(reply, req.body) if self.n_ctx and self.kind != "ollama" and reply.status == 200 else reply
+
+    def _count(self, reply: Reply, body: dict) -> Reply:
+        """usage as the server counts it, and the answer cut where generation stops: at the request's max_tokens or
+        where the context ends (llama-server stops at n_ctx with finish_reason "length")."""
+        tokens = count_tokens(body)
+        room = min(self.n_ctx - tokens, body.get("max_tokens") or self.n_ctx)
+        data = json.loads(json.dumps(reply.body))
+        if self.kind == "openai":
+            part, usage, stop = data["choices"][0], "completion_tokens", ("finish_reason", "length")
+            text = part["message"]["content"]
+            data["usage"]["prompt_tokens"] = tokens
+        else:
+            part, usage, stop = data["content"][0], "output_tokens", ("stop_reason", "max_tokens")
+            text = part["text"]
+            data["usage"]["input_tokens"] = tokens
+        out = math.ceil(len(text) / CHARS_PER_TOKEN)
+        if out > room:
+            text, out = text[:int(room * CHARS_PER_TOKEN)], room
+            (data["choices"][0] if self.kind == "openai" else data)[stop[0]] = stop[1]
+        if self.kind == "openai":
+            part["message"]["content"] = text
+        else:
+            part["text"] = text
+        data["usage"][usage] = out
+        return replace(reply, body=data)
