@@ -74,12 +74,14 @@ def llama_server(tmp_path):
 def test_two_experiments_of_the_real_loop_through_llama_server(tmp_path, llama_server):
     repo = agent_repo(tmp_path / "repo")
     rec = Recorder()
+    # structured answers: llama-server turns the response_format schema into a grammar, so even a small base model
+    # can only answer in it
     cfg = make_config(repo, provider="openai", base_url=llama_server + "/v1", model="local", max_experiments=3,
-                      llm_timeout=900.0, max_tokens=1024, llm_attempts=2)
+                      llm_timeout=900.0, max_tokens=1024, llm_attempts=2, answer_format="json")
     t0 = time.monotonic()
     summary = Orchestrator(cfg, [rec]).run()
     rows = ResultsFile(repo / "results.tsv").load()
-    assert [r.exp for r in rows] == [0, 1, 2], summary.reason  # two experiments ran, whatever the model answered
+    assert [r.exp for r in rows] == [0, 1, 2], summary.reason  # two experiments ran
     assert any(f"LLM context window: {N_CTX:,} tokens (the server's)" in m for m in rec.logs("info"))
     calls = []
     for n in (1, 2):
@@ -89,6 +91,7 @@ def test_two_experiments_of_the_real_loop_through_llama_server(tmp_path, llama_s
     assert all(c["input_tokens"] + c["output_tokens"] <= N_CTX and c["output_tokens"] <= c["max_tokens"]
                for c in calls)
     usable = sum(1 for r in rows[1:] if r.status != "skip")
+    assert usable == 2, [(r.status, r.notes) for r in rows[1:]]  # both experiments trained
     print(f"\nllama-server run: {len(rows) - 1} experiments ({usable} with a usable answer: "
           f"{[r.status for r in rows[1:]]}), {len(calls)} calls, {time.monotonic() - t0:.0f} s in all")
     for c in calls:

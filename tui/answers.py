@@ -2,7 +2,7 @@
 into a Proposal.
 
 The schema keeps to the subset OpenAI's strict mode accepts (every property required, additionalProperties false,
-no length limits), which Anthropic's tool input schemas and Ollama's format take as well. Hyperparameter values are
+no string length limits; an array's minItems is accepted), which Anthropic's tool input schemas and Ollama's format take as well. Hyperparameter values are
 strings holding Python literals: a JSON type per name could not say "a tuple of floats" or tell 4 from 4.0, and the
 block's own types are checked when the values are applied (tui.prompt.set_hparams).
 """
@@ -30,10 +30,12 @@ def answer_spec(scope: str, source: str, script_name: str = "train.py") -> Answe
         names = hparam_names(source)
         pair = _object({"name": {"type": "string", **({"enum": names} if names else {})},
                         "value": _string("the new value as a Python literal")})
-        properties["hparams"] = {"type": "array", "items": pair, "description": FIELD_HELP["hparams"]}
+        # minItems: a grammar-constrained server (llama.cpp) otherwise lets a weak model answer with no change at all
+        properties["hparams"] = {"type": "array", "items": pair, "minItems": 1, "description": FIELD_HELP["hparams"]}
     else:
         edit = _object({"search": _string(FIELD_HELP["search"]), "replace": _string(FIELD_HELP["replace"])})
-        properties["edits"] = {"type": "array", "items": edit, "description": "one or more search/replace edits"}
+        properties["edits"] = {"type": "array", "items": edit, "minItems": 1,
+                               "description": "one or more search/replace edits"}
     return AnswerSpec(TOOL_NAME, f"Propose the next experiment: one change to {script_name}", _object(properties))
 
 
