@@ -275,6 +275,10 @@ class GPT(nn.Module):
             group_params = [p for p in matrix_params if p.shape == shape]
             param_groups.append(dict(kind="muon", params=group_params, lr=matrix_lr, momentum=0.95, ns_steps=5,
                                      beta2=0.95, weight_decay=weight_decay))
+        # every parameter in exactly one group (upstream's check): one left out would silently never train
+        grouped = {id(p) for group in param_groups for p in group["params"]}
+        missing = [name for name, p in self.named_parameters() if id(p) not in grouped]
+        assert not missing, f"parameters in no optimizer group would never train: {', '.join(missing)}"
         optimizer = MuonAdamW([g for g in param_groups if g["params"]])
         for group in optimizer.param_groups:
             group["initial_lr"] = group["lr"]

@@ -215,6 +215,10 @@ class GPT(nn.Module):
         for shape in sorted({shapes[p] for p in matrix_paths}):
             param_groups.append(dict(kind="muon", params=[p for p in matrix_paths if shapes[p] == shape],
                                      lr=matrix_lr, momentum=0.95, ns_steps=5, beta2=0.95, weight_decay=weight_decay))
+        # every parameter in exactly one group (upstream's check): one left out would silently never train
+        grouped = {path for group in param_groups for path in group["params"]}
+        missing = [path for path in paths if path not in grouped]
+        assert not missing, f"parameters in no optimizer group would never train: {', '.join(missing)}"
         optimizer = MuonAdamW([g for g in param_groups if g["params"]], self)
         for group in optimizer.param_groups:
             group["initial_lr"] = group["lr"]

@@ -82,6 +82,23 @@ def test_same_parameters_after_one_optimizer_step():
         moved += 1
     assert moved == len(torch_params)
 
+@pytest.mark.parametrize("framework", ["torch", "mlx"])
+def test_a_parameter_outside_the_optimizer_groups_is_an_error(framework):
+    """The agent adds a parameter outside the transformer blocks and forgets its optimizer group: setup_optimizer
+    names it instead of training without it."""
+    import mlx.core as mx
+    import torch
+    tm, mm = _models()
+    if framework == "torch":
+        tm.out_gain = torch.nn.Parameter(torch.ones(tm.config.n_embd))
+        model = tm
+    else:
+        mm.out_gain = mx.ones((mm.config.n_embd,))
+        model = mm
+    with pytest.raises(AssertionError, match=r"parameters in no optimizer group would never train: out_gain$"):
+        model.setup_optimizer()
+
+
 def test_flex_attention_matches_sdpa_windows():
     """The CUDA attention path (FlexAttention, here in eager mode on the CPU) equals SDPA with an explicit mask."""
     import torch
