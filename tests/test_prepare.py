@@ -362,6 +362,26 @@ def test_profile_is_recorded_and_env_overrides(prep, monkeypatch):
         prep.get_profile()
 
 
+def test_profile_follows_the_backend_unless_chosen(prep, monkeypatch):
+    """AUTORESEARCH_BACKEND=cpu on a GPU machine evaluates with the cpu profile (512 context, 128K tokens), not the
+    2048-context one the GPU's first prepare noted; a profile chosen with --profile applies to every backend."""
+    monkeypatch.delenv("AUTORESEARCH_PROFILE")
+    prep._atomic_write_bytes(prep.PROFILE_FILE, json.dumps({"profile": "gpu", **prep.PROFILES["gpu"]}).encode())
+    monkeypatch.setenv("AUTORESEARCH_BACKEND", "cpu")
+    p = prep.get_profile()
+    assert (p.name, p.max_seq_len, p.eval_tokens, p.source) == ("cpu", 512, 2**17, "follows the cpu backend")
+    monkeypatch.setenv("AUTORESEARCH_BACKEND", "cuda")
+    assert prep.get_profile().name == "gpu"
+    monkeypatch.setenv("AUTORESEARCH_BACKEND", "mlx")  # MLX on Apple Silicon's GPU, or its CPU build on Linux
+    assert prep.get_profile(apple_silicon=True).name == "apple"
+    assert prep.get_profile(apple_silicon=False).name == "cpu"
+    assert prep.get_profile(backend="mps").name == "apple"
+    prep.record_profile("gpu")
+    monkeypatch.setenv("AUTORESEARCH_BACKEND", "cpu")
+    p = prep.get_profile()
+    assert p.name == "gpu" and p.source.startswith("chosen with prepare.py --profile, recorded in ")
+
+
 SNIPPET = "import prepare; tok = prepare.Tokenizer.from_directory(); next(prepare.make_dataloader(tok, 2, 16, 'train'))"
 
 

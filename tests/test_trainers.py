@@ -1,7 +1,10 @@
 """train.py and train_mlx.py: one model in two frameworks, one output contract, real end-to-end runs on tiny data."""
 
+import json
 import math
 import re
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +14,8 @@ from trainer_fixtures import (ROOT, TINY_SEQ_LEN, parse_summary, run_script, scr
 
 STEP_RE = re.compile(r"step (\d{5}) \(([\d.]+)%\) \| loss: ([\d.]+) \| lrm: ([\d.]+) \| dt: (\d+)ms \| "
                      r"tok/sec: ([\d,]+) \| mfu: ([\d.]+)% \| epoch: (\d+) \| remaining: (\d+)s")
+HARDWARE = Path(ROOT) / "tests" / "fixtures" / "hardware"
+WARMUP_STEPS = 11  # steps 0-10 are not timed (upstream's warm-up)
 SUMMARY_KEYS = ["val_bpb", "training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent", "total_tokens_M",
                 "num_steps", "num_params_M", "depth", "backend", "chip"]
 
@@ -210,3 +215,35 @@ def test_missing_data_and_tokenizer_is_one_line(tmp_path, script):
     r = run_script(tmp_path / script, env, AUTORESEARCH_BACKEND="cpu")
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert "no tokenizer" in r.stderr and "uv run prepare.py" in r.stderr
+
+
+@pytest.mark.parametrize("script, machine, backend", [("train.py", "nvidia-smi-h100.csv", "cpu"),
+                                                      ("train_mlx.py", "m1", None)])
+def test_a_cpu_run_on_a_gpu_machine_uses_the_cpu_profile_and_peak(tiny_dataset, tmp_path, script, machine, backend):
+    """AUTORESEARCH_BACKEND=cpu on an H100 machine, MLX on a CPU with a Mac's chip name: the run evaluates with the
+    cpu profile even though the first prepare recorded the GPU's, MFU divides by the CPU's peak (1e11 here), and the
+    steady-state MFU counts exactly the steps that were timed."""
+    cache = tmp_path / "cache"
+    shutil.copytree(tiny_dataset["AUTORESEARCH_CACHE_DIR"], cache)
+    profile = "gpu" if machine.startswith("nvidia") else "apple"
+    (cache / "profile.json").write_text(json.dumps({"profile": profile, "max_seq_len": 2048, "eval_tokens": 5242880}))
+    env = {k: v for k, v in tiny_dataset.items() if k != "AUTORESEARCH_PROFILE"}
+    env.update(AUTORESEARCH_CACHE_DIR=str(cache), AUTORESEARCH_SIMULATE_HARDWARE=str(HARDWARE / machine))
+    if backend:
+        env["AUTORESEARCH_BACKEND"] = backend
+    tiny_scripts(tmp_path)
+    r = run_script(tmp_path / script, env, budget=1)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "Profile: cpu (max_seq_len=64" in r.stdout
+    assert "| peak 0.10 TFLOPS for MFU (env: AUTORESEARCH_CPU_PEAK_FLOPS)" in r.stdout
+    assert f"Total batch size: {8 * TINY_SEQ_LEN:,} tokens (8 x {TINY_SEQ_LEN} per micro-batch)" in r.stdout
+    if script == "train.py":  # the CPU dtype is measured at this model's width (or there is no bf16 hardware)
+        assert re.search(r"\nCPU compute dtype: (float32|bfloat16) \((measured: |no amx_bf16)", r.stdout)
+    flops_per_token = float(re.search(r"Estimated FLOPs per token: (\S+)", r.stdout).group(1))
+    dts = [int(m.group(5)) / 1000 for m in map(STEP_RE.search, r.stdout.split("\r")) if m]
+    summary = parse_summary(r.stdout)
+    assert int(summary["num_steps"]) == len(dts)
+    timed = dts[WARMUP_STEPS:]
+    want = 100 * flops_per_token * 8 * TINY_SEQ_LEN * len(timed) / sum(timed) / 1e11
+    # one step more than was timed would be 1 / len(timed) (a few %) too high; dt is printed to the millisecond
+    assert float(summary["mfu_percent"]) == pytest.approx(want, rel=0.25 / len(timed))
