@@ -20,6 +20,18 @@ Environment (all optional):
     AUTORESEARCH_MAX_SEQ_LEN   context length (default from the profile; for tests and sweeps only)
 Changing the last three breaks comparability with other runs; every run prints them.
     AUTORESEARCH_RUN_DIR       set by the agent loop: the trainer exports its model there instead of evaluating it
+
+val_bpb is computed like upstream's (summed nats over targets with bytes, over ln 2 x their bytes) but is not upstream's
+number for the same model:
+- bytes per token are the token's true UTF-8 bytes; upstream counts len(decode([token]).encode()), 3 bytes of U+FFFD
+  for a token holding part of a multi-byte character. Upstream's bpb = ours x our bytes / its bytes: 0.99969 on the
+  benchmark corpus (cpu profile; 33 of 53,760 targets are such tokens), i.e. -0.0006 at 1.815; more where more of the
+  text is non-ASCII (benchmarks/bpb_counting.py measures it for a prepared dataset);
+- the evaluation set: EVAL_TOKENS // T packed rows, independent of the batch size, a small validation split used once;
+  upstream scores 40 x 524,288 tokens in whole batches of its batch size, looping over a small split;
+- packing (pack_rows): the same best-fit rule, but the buffer is topped up one document at a time (upstream: 128 at a
+  time), of equally long documents that fit, the one buffered last goes in (upstream: the first), and empty documents are
+  dropped (upstream packs each as a lone BOS).
 """
 
 import argparse
