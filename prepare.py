@@ -30,8 +30,8 @@ number for the same model:
 - the evaluation set: EVAL_TOKENS // T packed rows, independent of the batch size, a small validation split used once;
   upstream scores 40 x 524,288 tokens in whole batches of its batch size, looping over a small split;
 - packing (pack_rows): the same best-fit rule, but the buffer is topped up one document at a time (upstream: 128 at a
-  time), of equally long documents that fit, the one buffered last goes in (upstream: the first), and empty documents are
-  dropped (upstream packs each as a lone BOS).
+  time), of equally long documents that fit, the one buffered last goes in (upstream: the first), and empty documents
+  are dropped (upstream packs each as a lone BOS).
 """
 
 import argparse
