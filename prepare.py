@@ -12,13 +12,26 @@ Usage:
 Environment (all optional):
     AUTORESEARCH_CACHE_DIR     where data lives (default ~/.cache/autoresearch)
     AUTORESEARCH_DATASET       which prepared dataset the trainers use (default climbmix)
-    AUTORESEARCH_PROFILE       evaluation profile: gpu | apple | cpu (default: recorded at first prepare, else from hardware)
+    AUTORESEARCH_PROFILE       evaluation profile: gpu | apple | cpu (default: `prepare.py --profile`'s choice, else the
+                               backend's: gpu for cuda, apple for mlx/mps on Apple Silicon, cpu for cpu and Linux mlx)
     HF_ENDPOINT                Hugging Face endpoint or mirror (default https://huggingface.co)
     AUTORESEARCH_TIME_BUDGET   training seconds (default 300; tests and smoke runs shrink it)
     AUTORESEARCH_EVAL_TOKENS   evaluation tokens (default from the profile; tests shrink it)
     AUTORESEARCH_MAX_SEQ_LEN   context length (default from the profile; for tests and sweeps only)
 Changing the last three breaks comparability with other runs; every run prints them.
     AUTORESEARCH_RUN_DIR       set by the agent loop: the trainer exports its model there instead of evaluating it
+
+val_bpb is computed like upstream's (summed nats over targets with bytes, over ln 2 x their bytes) but is not upstream's
+number for the same model:
+- bytes per token are the token's true UTF-8 bytes; upstream counts len(decode([token]).encode()), 3 bytes of U+FFFD
+  for a token holding part of a multi-byte character. Upstream's bpb = ours x our bytes / its bytes: 0.99969 on the
+  benchmark corpus (cpu profile; 33 of 53,760 targets are such tokens), i.e. -0.0006 at 1.815; more where more of the
+  text is non-ASCII (benchmarks/bpb_counting.py measures it for a prepared dataset);
+- the evaluation set: EVAL_TOKENS // T packed rows, independent of the batch size, a small validation split used once;
+  upstream scores 40 x 524,288 tokens in whole batches of its batch size, looping over a small split;
+- packing (pack_rows): the same best-fit rule, but the buffer is topped up one document at a time (upstream: 128 at a
+  time), of equally long documents that fit, the one buffered last goes in (upstream: the first), and empty documents
+  are dropped (upstream packs each as a lone BOS).
 """
 
 import argparse
@@ -153,6 +166,35 @@ def hardware_profile_name():
     return "cpu"
 
 
+BACKEND_PROFILES = {"cuda": "gpu", "mps": "apple", "cpu": "cpu"}  # mlx: apple on Apple Silicon, cpu elsewhere
+
+
+def backend_profile_name(backend=None, apple_silicon=None):
+    """The profile of the backend that trains (AUTORESEARCH_BACKEND, or the one the hardware picks when it is auto): a
+    CPU backend evaluates with the cpu profile also on a machine with a GPU. Read here, not from backends/: the sealed
+    evaluator runs this file alone (python -I) and must pick the profile the trainer used."""
+    backend = (backend or os.environ.get("AUTORESEARCH_BACKEND") or "auto").strip().lower()
+    if apple_silicon is None:
+        apple_silicon = sys.platform == "darwin" and platform.machine() == "arm64"
+    if backend == "mlx":
+        return "apple" if apple_silicon else "cpu"  # MLX's CPU backend on Linux
+    return BACKEND_PROFILES.get(backend) or hardware_profile_name()
+
+
+def _read_profile_record():
+    """(name, chosen) from PROFILE_FILE, or None. chosen: recorded by `prepare.py --profile NAME`; a record made from
+    the hardware at first prepare is only a note (the backend decides)."""
+    if not os.path.exists(PROFILE_FILE):
+        return None
+    try:
+        with open(PROFILE_FILE) as f:
+            record = json.load(f)
+        name = record["profile"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise PrepareError(f"{PROFILE_FILE} is unreadable; delete it and run: uv run prepare.py")
+    return _check_profile_name(name, PROFILE_FILE), record.get("chosen") == "--profile"
+
+
 def _env_int(name):
     raw = os.environ.get(name)
     if not raw:
@@ -172,20 +214,20 @@ def _check_profile_name(name, origin):
     return name
 
 
-def get_profile():
-    """The evaluation profile in force: AUTORESEARCH_PROFILE, else the one recorded at first prepare, else hardware."""
+def get_profile(backend=None, apple_silicon=None):
+    """The evaluation profile in force: AUTORESEARCH_PROFILE, else one chosen with `prepare.py --profile`, else the
+    profile of the backend that trains (backend_profile_name; backend/apple_silicon: `python -m backends` passes
+    what it detected or simulates)."""
     env = os.environ.get("AUTORESEARCH_PROFILE")
+    record = None if env else _read_profile_record()
     if env:
         name, source = _check_profile_name(env, "AUTORESEARCH_PROFILE"), "set by AUTORESEARCH_PROFILE"
-    elif os.path.exists(PROFILE_FILE):
-        try:
-            with open(PROFILE_FILE) as f:
-                name = json.load(f)["profile"]
-        except (OSError, ValueError, KeyError):
-            raise PrepareError(f"{PROFILE_FILE} is unreadable; delete it and run: uv run prepare.py")
-        name, source = _check_profile_name(name, PROFILE_FILE), f"recorded in {PROFILE_FILE}"
+    elif record and record[1]:
+        name, source = record[0], f"chosen with prepare.py --profile, recorded in {PROFILE_FILE}"
     else:
-        name, source = hardware_profile_name(), "from this machine's hardware (not yet recorded)"
+        name = backend_profile_name(backend, apple_silicon)
+        forced = (backend or os.environ.get("AUTORESEARCH_BACKEND") or "auto").strip().lower()
+        source = f"follows the {forced} backend" if forced != "auto" else "from this machine's hardware"
     values = dict(PROFILES[name])
     overrides = []
     for key, var in (("max_seq_len", "AUTORESEARCH_MAX_SEQ_LEN"), ("eval_tokens", "AUTORESEARCH_EVAL_TOKENS")):
@@ -197,11 +239,13 @@ def get_profile():
 
 
 def record_profile(name=None):
-    """Record the profile next to the data the first time data is prepared (or when asked explicitly)."""
+    """Record the profile next to the data the first time data is prepared (a note of the hardware's), or the one
+    chosen with `prepare.py --profile NAME`, which then applies to every run."""
     if name is None and os.path.exists(PROFILE_FILE):
         return
-    name = _check_profile_name(name or os.environ.get("AUTORESEARCH_PROFILE") or hardware_profile_name(), "--profile")
-    _atomic_write_bytes(PROFILE_FILE, json.dumps({"profile": name, **PROFILES[name]}, indent=1).encode())
+    chosen = {"chosen": "--profile"} if name else {}
+    name = _check_profile_name(name or os.environ.get("AUTORESEARCH_PROFILE") or backend_profile_name(), "--profile")
+    _atomic_write_bytes(PROFILE_FILE, json.dumps({"profile": name, **PROFILES[name], **chosen}, indent=1).encode())
 
 
 def _time_budget():
@@ -1402,7 +1446,8 @@ def main(argv=None):
                         help="dataset name for --text (default 'local'); otherwise the dataset to prepare "
                              "(default AUTORESEARCH_DATASET or climbmix)")
     parser.add_argument("--profile", choices=sorted(PROFILES),
-                        help="record this evaluation profile for this machine (default: chosen from the hardware)")
+                        help="record this evaluation profile for this machine, for every backend (default: each "
+                             "backend's own: gpu for cuda, apple for Apple Silicon, cpu for the CPU backends)")
     parser.add_argument("--evaluate", metavar="RUN_DIR",
                         help="score the model a trainer exported to RUN_DIR (export_model) and print one JSON line "
                              "(the agent loop's sealed evaluation)")

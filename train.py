@@ -45,7 +45,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from backends import get_hardware_info, get_peak_memory_mb, suggest_hyperparameters, sync_device
+from backends import get_hardware_info, get_peak_flops, get_peak_memory_mb, suggest_hyperparameters, sync_device
+from backends.hardware import choose_cpu_dtype
 from backends.muon_torch import MuonAdamW
 from prepare import (MAX_SEQ_LEN, RUN_DIR, TIME_BUDGET, Tokenizer, describe_setup, evaluate_bpb, export_model,
                      make_dataloader, print_summary)
@@ -275,6 +276,10 @@ class GPT(nn.Module):
             group_params = [p for p in matrix_params if p.shape == shape]
             param_groups.append(dict(kind="muon", params=group_params, lr=matrix_lr, momentum=0.95, ns_steps=5,
                                      beta2=0.95, weight_decay=weight_decay))
+        # every parameter in exactly one group (upstream's check): one left out would silently never train
+        grouped = {id(p) for group in param_groups for p in group["params"]}
+        missing = [name for name, p in self.named_parameters() if id(p) not in grouped]
+        assert not missing, f"parameters in no optimizer group would never train: {', '.join(missing)}"
         optimizer = MuonAdamW([g for g in param_groups if g["params"]])
         for group in optimizer.param_groups:
             group["initial_lr"] = group["lr"]
@@ -366,16 +371,24 @@ if __name__ == "__main__":
         compute_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
         attention = flex_attention_fn
         device_name = torch.cuda.get_device_name()
+    elif BACKEND == "cpu":  # bf16 only where it measured clearly faster at this model's width (cached); often ~100x slower
+        dtype_name, dtype_note = choose_cpu_dtype(build_model_config(DEPTH, 0).n_embd, DEVICE_BATCH_SIZE * MAX_SEQ_LEN)
+        compute_dtype = getattr(torch, dtype_name)
+        device_name = f"{torch.get_num_threads()} threads"
     else:
-        compute_dtype = torch.float32  # CPU: bf16 is ~100x slower without AVX-512; MPS: fp32 avoids dtype pitfalls
-        device_name = _hw.chip_name if BACKEND == "mps" else f"{torch.get_num_threads()} threads"
+        compute_dtype = torch.float32  # MPS: fp32 avoids dtype pitfalls
+        device_name = _hw.chip_name
     autocast_ctx = torch.amp.autocast(device_type=BACKEND, dtype=compute_dtype, enabled=compute_dtype != torch.float32)
-    peak_flops = _hw.peak_flops or 0.0
+    peak_flops, peak_source = get_peak_flops(_hw, BACKEND, "bf16" if compute_dtype == torch.bfloat16 else "fp32",
+                                             with_source=True)  # the CPU's own peak when the CPU trains
+    peak_flops = peak_flops or 0.0
     use_compile = BACKEND == "cuda"  # CPU: compile time is not won back within 5 minutes; MPS: unsupported
 
     print(f"Backend: {BACKEND} (PyTorch {torch.__version__}, {device_name}, "
           f"{str(compute_dtype).removeprefix('torch.')}{', torch.compile' if use_compile else ''})")
-    print(f"Chip: {_hw.chip_name} | peak {peak_flops / 1e12:.2f} TFLOPS for MFU ({_hw.peak_flops_source})")
+    if BACKEND == "cpu":
+        print(f"CPU compute dtype: {str(compute_dtype).removeprefix('torch.')} ({dtype_note})")
+    print(f"Chip: {_hw.chip_name} | peak {peak_flops / 1e12:.2f} TFLOPS for MFU ({peak_source})")
     print(describe_setup())
 
     tokenizer = Tokenizer.from_directory()
@@ -414,6 +427,7 @@ if __name__ == "__main__":
     x, y, epoch = next(train_loader)  # prefetch the first batch
 
     print(f"Time budget: {TIME_BUDGET}s")
+    print(f"Total batch size: {TOTAL_BATCH_SIZE:,} tokens ({DEVICE_BATCH_SIZE} x {MAX_SEQ_LEN} per micro-batch)")
     print(f"Gradient accumulation steps: {grad_accum_steps}")
 
 # ---------------------------------------------------------------------------
@@ -511,7 +525,8 @@ if __name__ == "__main__":
             val_bpb = evaluate_bpb(model, tokenizer, DEVICE_BATCH_SIZE)
 
     t_end = time.time()
-    steady_state_mfu = (100 * num_flops_per_token * TOTAL_BATCH_SIZE * (step - 10) / total_training_time / peak_flops
+    # steps 11 and later were timed (0-10 are the warm-up)
+    steady_state_mfu = (100 * num_flops_per_token * TOTAL_BATCH_SIZE * (step - 11) / total_training_time / peak_flops
                         if total_training_time > 0 and peak_flops else 0.0)
     peak_vram_mb = get_peak_memory_mb(BACKEND)
 

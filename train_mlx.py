@@ -27,7 +27,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 
-from backends import get_hardware_info, get_peak_memory_mb, suggest_hyperparameters
+from backends import get_hardware_info, get_peak_flops, get_peak_memory_mb, suggest_hyperparameters
 from backends.muon_mlx import MuonAdamW
 from prepare import (MAX_SEQ_LEN, RUN_DIR, TIME_BUDGET, Tokenizer, describe_setup, evaluate_bpb, export_model,
                      make_dataloader, print_summary)
@@ -215,6 +215,10 @@ class GPT(nn.Module):
         for shape in sorted({shapes[p] for p in matrix_paths}):
             param_groups.append(dict(kind="muon", params=[p for p in matrix_paths if shapes[p] == shape],
                                      lr=matrix_lr, momentum=0.95, ns_steps=5, beta2=0.95, weight_decay=weight_decay))
+        # every parameter in exactly one group (upstream's check): one left out would silently never train
+        grouped = {path for group in param_groups for path in group["params"]}
+        missing = [path for path in paths if path not in grouped]
+        assert not missing, f"parameters in no optimizer group would never train: {', '.join(missing)}"
         optimizer = MuonAdamW([g for g in param_groups if g["params"]], self)
         for group in optimizer.param_groups:
             group["initial_lr"] = group["lr"]
@@ -304,7 +308,9 @@ def loss_fn(model, x, y):
 if __name__ == "__main__":
     seed = int(os.environ.get("AUTORESEARCH_SEED", "42"))
     mx.random.seed(seed)
-    peak_flops = _hw.peak_flops or 0.0
+    # MLX on a CPU (Linux, or a Mac without Metal) is measured against the CPU's own fp32 peak
+    peak_flops, peak_source = get_peak_flops(_hw, "mlx" if ON_METAL else "cpu", with_source=True)
+    peak_flops = peak_flops or 0.0
     device = "Metal GPU" if ON_METAL else "CPU"
     blas = ("" if ON_METAL else
             f", BLAS: system OpenBLAS {OPENBLAS}" if OPENBLAS else
@@ -312,7 +318,7 @@ if __name__ == "__main__":
 
     print(f"Backend: mlx (MLX {mx.__version__}, {device}, {'bf16' if COMPUTE_DTYPE == mx.bfloat16 else 'fp32'}, "
           f"mx.compile{blas})")
-    print(f"Chip: {_hw.chip_name} | peak {peak_flops / 1e12:.2f} TFLOPS for MFU ({_hw.peak_flops_source})")
+    print(f"Chip: {_hw.chip_name} | peak {peak_flops / 1e12:.2f} TFLOPS for MFU ({peak_source})")
     print(describe_setup())
 
     tokenizer = Tokenizer.from_directory()
@@ -363,6 +369,7 @@ if __name__ == "__main__":
     x, y, epoch = next(train_loader)  # prefetch the first batch
 
     print(f"Time budget: {TIME_BUDGET}s")
+    print(f"Total batch size: {TOTAL_BATCH_SIZE:,} tokens ({DEVICE_BATCH_SIZE} x {MAX_SEQ_LEN} per micro-batch)")
     print(f"Gradient accumulation steps: {grad_accum_steps}")
 
 # ---------------------------------------------------------------------------
@@ -464,7 +471,8 @@ if __name__ == "__main__":
         val_bpb = evaluate_bpb(model, tokenizer, DEVICE_BATCH_SIZE)
 
     t_end = time.time()
-    steady_state_mfu = (100 * num_flops_per_token * TOTAL_BATCH_SIZE * (step - 10) / total_training_time / peak_flops
+    # steps 11 and later were timed (0-10 are the warm-up)
+    steady_state_mfu = (100 * num_flops_per_token * TOTAL_BATCH_SIZE * (step - 11) / total_training_time / peak_flops
                         if total_training_time > 0 and peak_flops else 0.0)
     peak_vram_mb = get_peak_memory_mb("mlx")
 

@@ -8,14 +8,21 @@ Sources, best first:
 - Apple Silicon: `sysctl` (chip name, memory) and `system_profiler SPDisplaysDataType` (the real GPU core count);
   a (generation, tier) core table only when system_profiler says nothing.
 - NVIDIA / AMD: torch.cuda device properties; `nvidia-smi` when torch cannot see the GPU. Peak from a datasheet table.
-- CPU: /proc/cpuinfo or sysctl, psutil; the fp32 peak is *measured* once with a 2048x2048 GEMM and cached in
-  $AUTORESEARCH_CACHE_DIR/hardware.json (default ~/.cache/autoresearch).
+- CPU: /proc/cpuinfo or sysctl, psutil; the peak is *measured* once, before any training, with a 2048x2048 GEMM
+  (5 rounds, the best counts; fp32, and bf16 too where the CPU flags show bf16 hardware) and cached with how it was
+  measured in $AUTORESEARCH_CACHE_DIR/hardware.json (default ~/.cache/autoresearch). A measurement taken while
+  another training run is going is used but not cached. The CPU compute dtype is measured the same way, per model
+  width (choose_cpu_dtype).
 
 Environment:
 - AUTORESEARCH_BACKEND=auto|mlx|mps|cuda|cpu   force a backend (default auto)
-- AUTORESEARCH_CACHE_DIR=path                  where hardware.json (the measured CPU peak) lives
+- AUTORESEARCH_CACHE_DIR=path                  where hardware.json (the measured CPU peak and dtype) lives
 - AUTORESEARCH_CPU_PEAK_FLOPS=2.5e11           skip the CPU GEMM measurement and use this FLOP/s instead
-`uv run python -m backends --remeasure` re-runs the GEMM (e.g. if the cached one ran while the machine was busy).
+- AUTORESEARCH_CPU_DTYPE=fp32|bf16             skip the dtype measurement and train on the CPU in this dtype
+- AUTORESEARCH_SIMULATE_HARDWARE=path          describe a recorded machine (tests/fixtures/hardware/m1, ...) instead
+                                               of this one: for `python -m backends` and tests
+`uv run python -m backends --remeasure` re-runs the GEMMs (e.g. if the cached ones ran while the machine was busy) and
+shows the spread of the rounds.
 
 Every command-output parser here is a pure function of the text, so it can be tested on recorded outputs.
 torch and mlx are imported lazily inside functions: importing this module must stay cheap and work without either.
@@ -39,6 +46,7 @@ from pathlib import Path
 # Constants and tables
 
 BACKENDS = ("mlx", "mps", "cuda", "cpu")
+SIMULATE_ENV = "AUTORESEARCH_SIMULATE_HARDWARE"  # describe a recorded machine instead of this one (simulated_fields)
 COMMAND_TIMEOUT_S = 15  # system_profiler can take a few seconds on a cold start
 
 # Apple GPU cores for the full (unbinned) part of each (generation, tier). Only a fallback: many chips ship binned
@@ -110,11 +118,24 @@ ARM_CPU_PARTS = {"0xd0c": "Neoverse-N1", "0xd40": "Neoverse-V1", "0xd49": "Neove
                  "0xd8e": "Neoverse-N3", "0xd84": "Neoverse-V3", "0xd0b": "Cortex-A76", "0xd41": "Cortex-A78",
                  "0xd44": "Cortex-X1", "0xd4b": "Cortex-A78C"}
 
-# CPU peak micro-benchmark: big enough to reach BLAS steady state, small enough for ~1-2 s on 2 cores.
+# CPU peak micro-benchmark: a 2048x2048 GEMM (big enough for BLAS steady state), timed in CPU_PEAK_ROUNDS rounds a
+# moment apart, each the best of CPU_PEAK_REPS calls. The peak is the best round (other processes can only make a GEMM
+# slower); the spread of the rounds shows how steady the machine was. ~2-3 s on 2 cores, once per machine.
 CPU_GEMM_N = 2048
-CPU_GEMM_MIN_REPS = 3
-CPU_GEMM_MAX_REPS = 10
-CPU_GEMM_BUDGET_S = 1.0  # stop timing reps after this (once MIN_REPS are done)
+CPU_PEAK_ROUNDS = 5
+CPU_PEAK_REPS = 2
+CPU_PEAK_PAUSE_S = 0.2  # between rounds, so a burst of someone else's work can pass
+CPU_PEAK_METHOD = 2  # cache entries measured another way (v1: one best-of-N burst) are measured again
+# CPU flags of bf16 GEMM hardware (x86 AMX and AVX-512-BF16, Arm BF16). Elsewhere bf16 is emulated (~100x slower than
+# fp32), so it is neither measured nor chosen.
+CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16", "bf16")
+# bf16 is the CPU compute dtype only if the model's own GEMMs run at least this much faster in bf16. Conservative: a
+# step also has element-wise work and autocast's casts, so on an AMX Xeon a 4.5x faster 2048^2 GEMM gave no faster step
+# at the CPU default's width, and on an AVX-512-BF16 EPYC the model's GEMMs at width 256 ran 2.6x faster in bf16
+# without a step clearly faster (benchmarks/cpu_dtype.py). fp32 otherwise (also the safer numerics).
+CPU_BF16_MIN_SPEEDUP = 3.0
+CPU_DTYPE_MAX_ROWS = 8192  # the dtype GEMMs use at most this many rows (the speed ratio is settled well before)
+TRAINING_SCRIPTS = ("train.py", "train_mlx.py")
 HARDWARE_CACHE_FILE = "hardware.json"
 BUSY_SAMPLE_S = 0.2  # how long to sample other processes' CPU use before the GEMM
 BUSY_PERCENT = 25  # above this, the measured peak is probably low and the source says so
@@ -146,6 +167,7 @@ class HardwareInfo:
     peak_flops: float | None = None
     peak_flops_dtype: str = "fp32"     # "bf16" for GPUs, "fp32" for CPU
     peak_flops_source: str = "unknown"
+    simulated: str | None = None       # AUTORESEARCH_SIMULATE_HARDWARE: recorded outputs of another machine
 
     def to_dict(self):
         return asdict(self)
@@ -347,7 +369,7 @@ def probe_gpu():
 
 
 # -----------------------------------------------------------------------------
-# Measured CPU peak (fp32 GEMM), cached on disk
+# Measured CPU peak (fp32 and, with bf16 hardware, bf16 GEMMs) and compute dtype, cached on disk
 
 def cache_dir():
     return Path(os.environ.get("AUTORESEARCH_CACHE_DIR") or Path.home() / ".cache" / "autoresearch")
@@ -372,82 +394,175 @@ def _pretty_path(path):
     return "~" + str(path)[len(home):] if str(path).startswith(home + os.sep) else str(path)
 
 
-def _time_gemm(matmul):
-    """Best-of-reps FLOP/s of `matmul()` (one NxN GEMM); the first call is a warm-up (thread pool, page faults)."""
+def _time_rounds(matmul, flop, rounds=CPU_PEAK_ROUNDS, reps=CPU_PEAK_REPS):
+    """FLOP/s of each round (the best of `reps` calls of matmul(), which does `flop` FLOPs); the first call is a
+    warm-up (thread pool, page faults)."""
     matmul()
-    best, reps, start = math.inf, 0, time.perf_counter()
-    while reps < CPU_GEMM_MIN_REPS or (reps < CPU_GEMM_MAX_REPS and time.perf_counter() - start < CPU_GEMM_BUDGET_S):
-        t0 = time.perf_counter()
-        matmul()
-        best = min(best, time.perf_counter() - t0)
-        reps += 1
-    return 2 * CPU_GEMM_N**3 / best
+    out = []
+    for r in range(rounds):
+        if r:
+            time.sleep(CPU_PEAK_PAUSE_S)
+        best = math.inf
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            matmul()
+            best = min(best, time.perf_counter() - t0)
+        out.append(flop / best)
+    return out
 
 
 def _gemm_library():
-    """(cache key part, description, make_matmul) for torch if installed, else numpy. make_matmul() allocates the
-    operands and returns a closure doing one GEMM, so a cache hit allocates nothing."""
-    n = CPU_GEMM_N
+    """(cache key part, library description, make_matmul) for torch if installed, else numpy. make_matmul(m, k, n,
+    dtype) allocates the operands and returns a closure doing one (m x k) @ (k x n) GEMM in dtype "fp32" or "bf16",
+    or None if the library has no such GEMM (numpy: no bf16). A cache hit allocates nothing."""
     try:
         import torch
     except ImportError:
         import numpy as np
 
-        def make_numpy_matmul():
+        def make_numpy_matmul(m, k, n, dtype):
+            if dtype != "fp32":
+                return None
             rng = np.random.default_rng(0)
-            a, b = rng.standard_normal((n, n), dtype=np.float32), rng.standard_normal((n, n), dtype=np.float32)
-            c = np.empty((n, n), dtype=np.float32)
+            a, b = rng.standard_normal((m, k), dtype=np.float32), rng.standard_normal((k, n), dtype=np.float32)
+            c = np.empty((m, n), dtype=np.float32)
             return lambda: np.matmul(a, b, out=c)
-        return f"BLAS threads | numpy {np.__version__}", f"{n}x{n} fp32 GEMM with numpy", make_numpy_matmul
+        return f"BLAS threads | numpy {np.__version__}", "numpy", make_numpy_matmul
 
-    def make_torch_matmul():
-        a, b, c = torch.randn(n, n), torch.randn(n, n), torch.empty(n, n)
+    def make_torch_matmul(m, k, n, dtype):
+        dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+        a, b, c = torch.randn(m, k, dtype=dt), torch.randn(k, n, dtype=dt), torch.empty(m, n, dtype=dt)
         return lambda: torch.mm(a, b, out=c)
     threads = torch.get_num_threads()
-    return (f"{threads} threads | torch {torch.__version__}", f"{n}x{n} fp32 GEMM with torch, {threads} threads",
-            make_torch_matmul)
+    return f"{threads} threads | torch {torch.__version__}", f"torch, {threads} threads", make_torch_matmul
 
 
-def measure_cpu_peak_flops(cpu_model=None, refresh=False):
-    """(fp32 FLOP/s, source) for this CPU: AUTORESEARCH_CPU_PEAK_FLOPS if set, else the cached measurement for this
-    cpu model + thread count + library version, else a fresh ~1-2 s GEMM benchmark that is then cached."""
-    override = os.environ.get("AUTORESEARCH_CPU_PEAK_FLOPS", "").strip()
-    if override:
-        try:
-            value = float(override)
-        except ValueError:
-            value = -1.0
-        if not math.isfinite(value) or value <= 0:
-            raise ValueError(f"AUTORESEARCH_CPU_PEAK_FLOPS={override!r} is not a positive number of FLOP/s; "
-                             "set it like 2.5e11, or unset it to measure")
-        return value, "env: AUTORESEARCH_CPU_PEAK_FLOPS"
-    cpu_model = cpu_model or probe_cpu()["cpu_model"]
-    key_suffix, method, make_matmul = _gemm_library()
-    key = f"{cpu_model} | {key_suffix}"
+def _load_cache():
     path = cache_dir() / HARDWARE_CACHE_FILE
     try:
         cache = json.loads(path.read_text())
     except (OSError, ValueError):
         cache = {}
-    if not isinstance(cache, dict):
-        cache = {}
+    return path, cache if isinstance(cache, dict) else {}
+
+
+def _save_cache(path, cache, section, key, entry, blockers):
+    """Store entry under cache[section][key]; returns where it went, for the source string. A measurement taken
+    while a training run was going is used by this process only."""
+    if blockers:
+        return f"just now, not cached: {', '.join(blockers)} was running"
+    cache.setdefault(section, {})[key] = entry
+    try:
+        _write_json_atomic(path, cache)
+        return f"just now, saved to {_pretty_path(path)}"
+    except OSError as e:  # read-only home etc.: still usable, just re-measured next time
+        return f"just now, not cached: {e.strerror or e}"
+
+
+def training_runs_elsewhere():
+    """'train.py (pid 123)' for every other process running a training script (not this process or its parents):
+    a CPU measurement taken next to one would measure what is left of the CPU."""
+    import psutil
+    mine = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            cmdline = proc.info["cmdline"] or []
+        except (psutil.Error, OSError):
+            continue
+        if proc.info["pid"] in mine:
+            continue
+        script = next((os.path.basename(a) for a in cmdline[1:4] if os.path.basename(a) in TRAINING_SCRIPTS), None)
+        if script:
+            found.append(f"{script} (pid {proc.info['pid']})")
+    return found
+
+
+def _peak_override():
+    override = os.environ.get("AUTORESEARCH_CPU_PEAK_FLOPS", "").strip()
+    if not override:
+        return None
+    try:
+        value = float(override)
+    except ValueError:
+        value = -1.0
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"AUTORESEARCH_CPU_PEAK_FLOPS={override!r} is not a positive number of FLOP/s; "
+                         "set it like 2.5e11, or unset it to measure")
+    return value
+
+
+def has_bf16_hardware(vector_extensions):
+    return any(flag in (vector_extensions or ()) for flag in CPU_BF16_FLAGS)
+
+
+_MEASURED = {}  # measurements this process made but could not cache (a training run was going), by cache key
+
+
+def cpu_peak_entry(cpu_model=None, vector_extensions=None, refresh=False):
+    """(entry, where) for this CPU: the cached measurement for this cpu model + thread count + library version, else a
+    fresh one. entry: flops (best fp32 round), rounds_gflops, method, busy_percent, measured_at, and bf16 (the same
+    for a bf16 GEMM where the CPU has bf16 hardware, else {"skipped": why})."""
+    if cpu_model is None or vector_extensions is None:
+        cpu = probe_cpu()
+        cpu_model = cpu_model or cpu["cpu_model"]
+        vector_extensions = cpu["vector_extensions"] if vector_extensions is None else vector_extensions
+    key_suffix, library, make_matmul = _gemm_library()
+    key = f"{cpu_model} | {key_suffix}"
+    path, cache = _load_cache()
     entry = cache.get("cpu_peak_flops", {}).get(key)
-    if entry and not refresh and entry.get("flops", 0) > 0:
-        return float(entry["flops"]), f"measured: {method} (cached {_pretty_path(path)}){_busy_note(entry)}"
+    if not refresh and entry and entry.get("method_version") == CPU_PEAK_METHOD and entry.get("flops", 0) > 0:
+        return entry, f"cached {_pretty_path(path)}"
+    if not refresh and key in _MEASURED:
+        return _MEASURED[key]
     # Other processes on the same cores make the GEMM look slow: record how busy the machine was just before, so a
     # low number can be explained. (We sleep during the sample, so it is everyone else's CPU use.)
     import psutil
     busy_percent = psutil.cpu_percent(interval=BUSY_SAMPLE_S)
-    flops = _time_gemm(make_matmul())
-    entry = {"flops": flops, "gflops": round(flops / 1e9, 1), "method": method, "busy_percent": busy_percent,
-             "measured_at": datetime.datetime.now().isoformat(timespec="seconds")}
-    cache.setdefault("cpu_peak_flops", {})[key] = entry
-    try:
-        _write_json_atomic(path, cache)
-        where = f"just now, saved to {_pretty_path(path)}"
-    except OSError as e:  # read-only home etc.: still usable, just re-measured next time
-        where = f"just now, not cached: {e.strerror or e}"
-    return flops, f"measured: {method} ({where}){_busy_note(entry)}"
+    blockers = training_runs_elsewhere()
+    n = CPU_GEMM_N
+    how = f"with {library}, best of {CPU_PEAK_ROUNDS} rounds x {CPU_PEAK_REPS}"
+    rounds = _time_rounds(make_matmul(n, n, n, "fp32"), 2 * n**3)
+    entry = {"method_version": CPU_PEAK_METHOD, "method": f"{n}x{n} fp32 GEMM {how}", "flops": max(rounds),
+             "gflops": round(max(rounds) / 1e9, 1), "rounds_gflops": [round(r / 1e9, 1) for r in rounds],
+             "busy_percent": busy_percent, "measured_at": datetime.datetime.now().isoformat(timespec="seconds")}
+    bf16 = make_matmul(n, n, n, "bf16") if has_bf16_hardware(vector_extensions) else None
+    if bf16 is None:
+        why = "no bf16 GEMM in " + library if has_bf16_hardware(vector_extensions) else \
+            f"no {'/'.join(CPU_BF16_FLAGS)} in the CPU flags: bf16 would be emulated"
+        entry["bf16"] = {"skipped": why}
+    else:
+        rounds = _time_rounds(bf16, 2 * n**3)
+        entry["bf16"] = {"method": f"{n}x{n} bf16 GEMM {how}", "flops": max(rounds), "gflops": round(max(rounds) / 1e9, 1),
+                         "rounds_gflops": [round(r / 1e9, 1) for r in rounds]}
+    if blockers:
+        entry["training_runs"] = blockers
+    where = _save_cache(path, cache, "cpu_peak_flops", key, entry, blockers)
+    if blockers:
+        _MEASURED[key] = entry, where
+    return entry, where
+
+
+def measure_cpu_peak_flops(cpu_model=None, refresh=False, dtype="fp32", vector_extensions=None):
+    """(FLOP/s, source) of this CPU in dtype "fp32" or "bf16": AUTORESEARCH_CPU_PEAK_FLOPS if set, else the measured
+    peak (cpu_peak_entry). bf16 on a CPU without bf16 hardware: (None, why)."""
+    override = _peak_override()
+    if override:
+        return override, "env: AUTORESEARCH_CPU_PEAK_FLOPS"
+    entry, where = cpu_peak_entry(cpu_model, vector_extensions, refresh)
+    measured = entry if dtype == "fp32" else entry.get("bf16", {})
+    if not measured.get("flops"):
+        return None, f"bf16 not measured: {measured.get('skipped', 'unknown')}"
+    return float(measured["flops"]), f"measured: {measured['method']} ({where}){_busy_note(entry)}"
+
+
+def peak_spread(entry):
+    """'min 80.1 / median 95.3 / best 98.1 GFLOP/s over 5 rounds' for a cpu_peak_entry() or its bf16 part."""
+    rounds = sorted(entry.get("rounds_gflops") or [])
+    if not rounds:
+        return "no rounds recorded"
+    median = rounds[len(rounds) // 2] if len(rounds) % 2 else (rounds[len(rounds) // 2 - 1] + rounds[len(rounds) // 2]) / 2
+    return f"min {rounds[0]:.1f} / median {median:.1f} / best {rounds[-1]:.1f} GFLOP/s over {len(rounds)} rounds"
 
 
 def _busy_note(entry):
@@ -457,10 +572,87 @@ def _busy_note(entry):
     return f"; other processes were using {busy:.0f}% CPU: `python -m backends --remeasure` when idle"
 
 
+def model_gemms(width, rows, vocab=8192):
+    """(m, k, n) of a GPT's biggest forward GEMMs: the MLP's two and the lm_head (the largest at a small width)."""
+    return [(rows, width, 4 * width), (rows, 4 * width, width), (rows, width, vocab)]
+
+
+def choose_cpu_dtype(width, rows, cpu_model=None, vector_extensions=None, refresh=False):
+    """("float32" | "bfloat16", why) to train a model of this width on the CPU, `rows` tokens per micro-batch.
+    AUTORESEARCH_CPU_DTYPE=fp32|bf16 forces it. bf16 needs bf16 hardware in the CPU flags and the model's own GEMMs
+    (model_gemms) at least CPU_BF16_MIN_SPEEDUP x faster in bf16 than in fp32; measured once per cpu + library +
+    width + rows and cached with the peak."""
+    forced = os.environ.get("AUTORESEARCH_CPU_DTYPE", "").strip().lower()
+    if forced:
+        if forced not in ("fp32", "bf16"):
+            raise ValueError(f"AUTORESEARCH_CPU_DTYPE={forced!r}: use fp32 or bf16 (or unset it to measure)")
+        return {"fp32": "float32", "bf16": "bfloat16"}[forced], "AUTORESEARCH_CPU_DTYPE"
+    if cpu_model is None or vector_extensions is None:
+        cpu = probe_cpu()
+        cpu_model = cpu_model or cpu["cpu_model"]
+        vector_extensions = cpu["vector_extensions"] if vector_extensions is None else vector_extensions
+    if not has_bf16_hardware(vector_extensions):
+        return "float32", f"no {'/'.join(CPU_BF16_FLAGS)} in the CPU flags (bf16 would be emulated)"
+    key_suffix, library, make_matmul = _gemm_library()
+    rows = min(rows, CPU_DTYPE_MAX_ROWS)
+    key = f"{cpu_model} | {key_suffix} | width {width} | rows {rows}"
+    path, cache = _load_cache()
+    entry = cache.get("cpu_dtype", {}).get(key) or (None if refresh else _MEASURED.get(key))
+    if refresh or not entry:
+        if make_matmul(1, 1, 1, "bf16") is None:
+            return "float32", f"no bf16 GEMM in {library}"
+        seconds = {}
+        for dtype in ("fp32", "bf16"):
+            total = 0.0
+            for m, k, n in model_gemms(width, rows):
+                flop = 2 * m * k * n
+                total += flop / max(_time_rounds(make_matmul(m, k, n, dtype), flop, rounds=3))
+            seconds[dtype] = total
+        speedup = seconds["fp32"] / seconds["bf16"]
+        entry = {"dtype": "bfloat16" if speedup >= CPU_BF16_MIN_SPEEDUP else "float32", "speedup": round(speedup, 2),
+                 "fp32_ms": round(seconds["fp32"] * 1e3, 2), "bf16_ms": round(seconds["bf16"] * 1e3, 2),
+                 "method": f"MLP and lm_head GEMMs at width {width}, {rows} rows, with {library}, best of 3 rounds x "
+                           f"{CPU_PEAK_REPS}",
+                 "min_speedup": CPU_BF16_MIN_SPEEDUP,
+                 "measured_at": datetime.datetime.now().isoformat(timespec="seconds")}
+        blockers = training_runs_elsewhere()
+        if blockers:
+            entry["training_runs"] = blockers
+            _MEASURED[key] = entry
+        _save_cache(path, cache, "cpu_dtype", key, entry, blockers)
+    return entry["dtype"], (f"measured: the model's GEMMs at width {width} ran in bf16 at {entry['speedup']:.2f}x "
+                            f"fp32's speed; bf16 needs {entry['min_speedup']:g}x")
+
 # -----------------------------------------------------------------------------
 # HardwareInfo
 
 _HARDWARE_INFO = None
+
+
+def simulated_fields(path):
+    """HardwareInfo fields of another machine from its recorded command outputs (tests/fixtures/hardware): a
+    directory of an Apple machine's sysctl-brand_string.txt, sysctl-memsize.txt and optional system_profiler.{txt,json}
+    and sysctl-hw.optional.txt; an `nvidia-smi --query-gpu=name,memory.total,compute_cap --format=csv,noheader` file
+    (nvidia-smi*.csv); or a /proc/cpuinfo (cpuinfo*.txt). What the recording lacks is this machine's."""
+    p = Path(path)
+    read = lambda name: (p / name).read_text() if (p / name).exists() else None
+    if p.is_dir() and read("sysctl-brand_string.txt") and read("sysctl-memsize.txt"):
+        fields = apple_fields(read("sysctl-brand_string.txt"), read("sysctl-memsize.txt"),
+                              read("system_profiler.json") or read("system_profiler.txt"))
+        if fields:
+            fields.update(platform="darwin", machine="arm64")
+            if read("sysctl-hw.optional.txt"):
+                fields["vector_extensions"] = parse_darwin_cpu_features(read("sysctl-hw.optional.txt"))
+            return fields
+    elif p.is_file() and p.name.startswith("nvidia-smi"):
+        gpus = parse_nvidia_smi(p.read_text())
+        if gpus:
+            return gpu_fields(gpus[0]["name"], gpus[0]["memory_gb"], gpus[0]["compute_capability"])
+    elif p.is_file() and p.name.startswith("cpuinfo"):
+        info = parse_proc_cpuinfo(p.read_text())
+        return {"kind": "cpu", "chip_name": info["model"] or "unknown CPU", "vector_extensions": info["vector_extensions"]}
+    raise ValueError(f"{SIMULATE_ENV}={path!r} is not a recorded machine: an Apple directory with "
+                     "sysctl-brand_string.txt and sysctl-memsize.txt, an nvidia-smi*.csv or a cpuinfo*.txt")
 
 
 def _detect():
@@ -469,6 +661,14 @@ def _detect():
                       memory_gb=cpu["system_memory_gb"], memory_kind="system", cpu_model=cpu["cpu_model"],
                       cpu_cores=cpu["cpu_cores"], cpu_physical_cores=cpu["cpu_physical_cores"],
                       vector_extensions=cpu["vector_extensions"])
+    simulated = os.environ.get(SIMULATE_ENV, "").strip()
+    if simulated:
+        hw = replace(hw, **simulated_fields(simulated), simulated=simulated)
+        if hw.kind != "cpu":
+            return hw
+        # a recorded CPU's flags, this CPU's speed: measured under this CPU's name, so the cache stays right
+        flops, source = measure_cpu_peak_flops(cpu["cpu_model"], vector_extensions=cpu["vector_extensions"])
+        return replace(hw, peak_flops=flops, peak_flops_dtype="fp32", peak_flops_source=source)
     if is_apple_silicon():
         fields = apple_fields(_run("sysctl", "-n", "machdep.cpu.brand_string"), _run("sysctl", "-n", "hw.memsize"),
                               _run("system_profiler", "SPDisplaysDataType"))
@@ -478,7 +678,7 @@ def _detect():
         fields = probe_gpu()
         if fields:
             return replace(hw, **fields)
-    flops, source = measure_cpu_peak_flops(hw.cpu_model)
+    flops, source = measure_cpu_peak_flops(hw.cpu_model, vector_extensions=hw.vector_extensions)
     return replace(hw, peak_flops=flops, peak_flops_dtype="fp32", peak_flops_source=source)
 
 
@@ -490,11 +690,17 @@ def get_hardware_info(refresh=False):
     return _HARDWARE_INFO
 
 
-def get_peak_flops(hw, backend=None):
-    """Peak FLOP/s for MFU. Pass backend="cpu" to get the CPU's measured peak on a machine that also has a GPU."""
-    if backend == "cpu" and hw.kind != "cpu":
-        return measure_cpu_peak_flops(hw.cpu_model)[0]
-    return hw.peak_flops
+def get_peak_flops(hw, backend=None, dtype="fp32", with_source=False):
+    """Peak FLOP/s for MFU on the backend that trains: backend="cpu" (or MLX without Metal) gives the CPU's measured
+    peak in the compute dtype ("fp32" | "bf16") also on a machine with a GPU; otherwise the hardware's peak.
+    with_source=True: (flops, where the figure comes from)."""
+    if backend == "cpu" and (hw.kind != "cpu" or dtype != "fp32"):
+        flops, source = measure_cpu_peak_flops(hw.cpu_model, dtype=dtype, vector_extensions=hw.vector_extensions)
+        if flops is None:  # no bf16 peak: fall back to fp32's
+            flops, source = measure_cpu_peak_flops(hw.cpu_model, vector_extensions=hw.vector_extensions)
+    else:
+        flops, source = hw.peak_flops, hw.peak_flops_source
+    return (flops, source) if with_source else flops
 
 
 # -----------------------------------------------------------------------------
@@ -658,6 +864,8 @@ def print_hardware_summary(hw=None):
               "nvidia": f"NVIDIA GPU{', ' + hw.chip_generation if hw.chip_generation else ''}",
               "amd": "AMD GPU (ROCm)", "cpu": "CPU only"}[hw.kind]
     print(f"Hardware: {hw.chip_name} ({detail})")
+    if hw.simulated:
+        print(f"  Simulated: recorded outputs from {hw.simulated} ({SIMULATE_ENV}); the rest is this machine")
     print(f"  Memory: {hw.memory_gb:.1f} GB {hw.memory_kind}")
     if hw.gpu_cores is not None:
         how = "from system_profiler" if hw.gpu_cores_source == "system_profiler" else "guessed from table"

@@ -1,8 +1,11 @@
 """
 Default model size and batch size for the detected hardware.
 
-A tier picks (depth, device_batch_size, total_batch_size). total_batch_size is in tokens and is rounded up to a
-whole number of micro-batches (device_batch_size * max_seq_len), so gradient accumulation always divides evenly.
+A tier picks (depth, device_batch_size, total_batch_size). total_batch_size is in tokens; device_batch_size is the most
+rows one micro-batch may hold (memory), lowered where one micro-batch of them would exceed the total at this context,
+so a tier's total is the one it publishes (Apple base: 4K tokens per step = 2 rows of 2048, not 4 rows = 8K). The
+total is then rounded up to a whole number of micro-batches (device_batch_size * max_seq_len), so gradient
+accumulation always divides evenly.
 """
 
 import math
@@ -10,7 +13,9 @@ import math
 # -----------------------------------------------------------------------------
 # Tier tables: (depth, device_batch_size, total_batch_size in tokens)
 
-# Apple Silicon, by chip tier (the seed's README table, "validated by characterization").
+# Apple Silicon, by chip tier (the port's published table, "validated by characterization"): tokens per step base 4K,
+# Pro 8K, Max 32K, Ultra 64K. The device batch is the most rows per micro-batch (4 at base): at context 2048 base
+# trains 2 rows per step and Pro 4, at context 512 base 4 rows twice.
 APPLE_TIERS = {
     "ultra": (10, 32, 2**16),
     "max": (8, 16, 2**15),
@@ -69,6 +74,8 @@ def suggest_hyperparameters(hw, max_seq_len=2048, backend=None):
     hardware suggests (AUTORESEARCH_BACKEND=cpu on a GPU machine, MLX on a Linux CPU). None = go by hw.kind.
     """
     tier, depth, device_batch, total_batch = _pick(hw, backend)
+    if total_batch:  # no micro-batch bigger than the whole step
+        device_batch = max(1, min(device_batch, total_batch // max_seq_len))
     micro_batch_tokens = device_batch * max_seq_len
     total_batch = micro_batch_tokens * max(1, math.ceil((total_batch or micro_batch_tokens) / micro_batch_tokens))
     return dict(depth=depth, device_batch_size=device_batch, total_batch_size=total_batch, tier=tier)

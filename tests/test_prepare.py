@@ -226,9 +226,37 @@ def test_packing_invariants_on_random_documents(prep):
             assert tuple(s) in doc_set                                      # only the last piece may be cropped
         last = tuple(segs[-1])
         assert last in doc_set or any(d[:len(last)] == last for d in doc_set)
-    # cropping only when nothing fits: a row with a cropped tail has no room for the shortest whole doc left over
-    used = sum(len(r) for r in rows)
-    assert used == len(rows) * row_len
+    # and each piece is the best fit: the rows are the plainly written rule's, row for row
+    assert [r.tolist() for r in rows] == best_fit_rows([d.tolist() for d in docs], row_len, buffer_size=50)
+
+
+def best_fit_rows(docs, row_len, buffer_size):
+    """The packing rule written plainly: keep `buffer_size` documents buffered; fill each row with the longest
+    buffered document that fits the room left (of equal lengths the one buffered last) and, when none fits, the
+    shortest (of equal lengths the one buffered first) cropped to the room; a finite stream's partial row is dropped.
+    (Upstream breaks the first tie the other way, towards the document buffered first.)"""
+    stream, buf, rows = iter(docs), [], []
+    while True:
+        row = []
+        while len(row) < row_len:
+            while len(buf) < buffer_size and (doc := next(stream, None)) is not None:
+                buf.append(doc)
+            if not buf:
+                return rows
+            room = row_len - len(row)
+            fits = [i for i, d in enumerate(buf) if len(d) <= room]
+            if fits:
+                row += buf.pop(max(fits, key=lambda i: (len(buf[i]), i)))
+            else:
+                row += buf.pop(min(range(len(buf)), key=lambda i: (len(buf[i]), i)))[:room]
+        rows.append(row)
+
+
+def test_packing_takes_the_longest_document_that_fits(prep):
+    # lengths 5, 3, 4, 2, 6 (BOS included) into rows of 10: best fit packs 6+4 and 5+3+2; first fit would start 5+3+2
+    docs = [[0] + [n] * (n - 1) for n in (5, 3, 4, 2, 6)]
+    rows = [r.tolist() for r, _ in prep.pack_rows(iter([(np.array(d), 1) for d in docs]), 10, buffer_size=5)]
+    assert rows == [docs[4] + docs[2], docs[0] + docs[1] + docs[3]] == best_fit_rows(docs, 10, 5)
 
 
 def test_batch_size_does_not_change_the_row_sequence(prepared):
@@ -360,6 +388,26 @@ def test_profile_is_recorded_and_env_overrides(prep, monkeypatch):
     monkeypatch.setenv("AUTORESEARCH_PROFILE", "tpu")
     with pytest.raises(prep.PrepareError, match="gpu, apple, cpu"):
         prep.get_profile()
+
+
+def test_profile_follows_the_backend_unless_chosen(prep, monkeypatch):
+    """AUTORESEARCH_BACKEND=cpu on a GPU machine evaluates with the cpu profile (512 context, 128K tokens), not the
+    2048-context one the GPU's first prepare noted; a profile chosen with --profile applies to every backend."""
+    monkeypatch.delenv("AUTORESEARCH_PROFILE")
+    prep._atomic_write_bytes(prep.PROFILE_FILE, json.dumps({"profile": "gpu", **prep.PROFILES["gpu"]}).encode())
+    monkeypatch.setenv("AUTORESEARCH_BACKEND", "cpu")
+    p = prep.get_profile()
+    assert (p.name, p.max_seq_len, p.eval_tokens, p.source) == ("cpu", 512, 2**17, "follows the cpu backend")
+    monkeypatch.setenv("AUTORESEARCH_BACKEND", "cuda")
+    assert prep.get_profile().name == "gpu"
+    monkeypatch.setenv("AUTORESEARCH_BACKEND", "mlx")  # MLX on Apple Silicon's GPU, or its CPU build on Linux
+    assert prep.get_profile(apple_silicon=True).name == "apple"
+    assert prep.get_profile(apple_silicon=False).name == "cpu"
+    assert prep.get_profile(backend="mps").name == "apple"
+    prep.record_profile("gpu")
+    monkeypatch.setenv("AUTORESEARCH_BACKEND", "cpu")
+    p = prep.get_profile()
+    assert p.name == "gpu" and p.source.startswith("chosen with prepare.py --profile, recorded in ")
 
 
 SNIPPET = "import prepare; tok = prepare.Tokenizer.from_directory(); next(prepare.make_dataloader(tok, 2, 16, 'train'))"

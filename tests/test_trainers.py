@@ -1,7 +1,10 @@
 """train.py and train_mlx.py: one model in two frameworks, one output contract, real end-to-end runs on tiny data."""
 
+import json
 import math
 import re
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,11 +14,13 @@ from trainer_fixtures import (ROOT, TINY_SEQ_LEN, parse_summary, run_script, scr
 
 STEP_RE = re.compile(r"step (\d{5}) \(([\d.]+)%\) \| loss: ([\d.]+) \| lrm: ([\d.]+) \| dt: (\d+)ms \| "
                      r"tok/sec: ([\d,]+) \| mfu: ([\d.]+)% \| epoch: (\d+) \| remaining: (\d+)s")
+HARDWARE = Path(ROOT) / "tests" / "fixtures" / "hardware"
+WARMUP_STEPS = 11  # steps 0-10 are not timed (upstream's warm-up)
 SUMMARY_KEYS = ["val_bpb", "training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent", "total_tokens_M",
                 "num_steps", "num_params_M", "depth", "backend", "chip"]
 
 # ---------------------------------------------------------------------------
-# Parity: the same weights give the same loss, and the same parameters after one optimizer step
+# Parity: the same weights give the same loss; the same groups follow float64 for three steps; the same init
 # ---------------------------------------------------------------------------
 
 def _models(seq_len=64, depth=3, dim=64, heads=2, vocab=300, pattern="SSSL"):
@@ -56,31 +61,116 @@ def test_same_weights_same_loss_torch_and_mlx():
     assert tm.window_sizes == [32, 32, 64]   # the short windows (masked attention path) are exercised too
 
 
-def test_same_parameters_after_one_optimizer_step():
+TRAINER_LRS = dict(unembedding_lr=0.004, embedding_lr=0.6, matrix_lr=0.04, weight_decay=0.2, scalar_lr=0.5)
+
+
+def _group_spec(groups, name_of):
+    """A param group as comparable values: its parameter names and every hyperparameter."""
+    return [{**{k: v for k, v in g.items() if k != "params"}, "params": [name_of(p) for p in g["params"]]}
+            for g in groups]
+
+
+def test_trainers_follow_the_float64_reference_for_three_steps():
+    """Both trainers' own parameter groups through three steps of their own schedules against float64 (the model in
+    float64 torch, the optimizer in NumPy): the Adam betas, Muon's momentum and NorMuon's beta2 cancel out of a first
+    step, so a wrong one shows only from the second."""
+    import copy
     import mlx.core as mx
     import mlx.nn as nn
     import torch
+    import train
+    import train_mlx
     from mlx.utils import tree_flatten
+    from muon_reference import ref_step
     tm, mm = _models()
+    names = {id(p): n for n, p in tm.named_parameters()}
+    t_opt, m_opt = tm.setup_optimizer(**TRAINER_LRS), mm.setup_optimizer(**TRAINER_LRS)
+    ref_groups = _group_spec(t_opt.param_groups, lambda p: names[id(p)])
+    assert ref_groups == _group_spec(m_opt.param_groups, str), "the trainers must build the same groups"
+    ref_model = copy.deepcopy(tm).double()
+    ref_params = {n: p.detach().double().numpy().copy() for n, p in tm.named_parameters()}
+    start = dict(ref_params)
+    states = {}
     rng = np.random.default_rng(1)
-    x = rng.integers(0, 300, size=(2, 64))
-    y = rng.integers(0, 300, size=(2, 64))
-    kw = dict(unembedding_lr=0.004, embedding_lr=0.6, matrix_lr=0.04, weight_decay=0.2, scalar_lr=0.5)
-    t_opt = tm.setup_optimizer(**kw)
-    m_opt = mm.setup_optimizer(**kw)
-    assert [g["kind"] for g in t_opt.param_groups] == [g["kind"] for g in m_opt.param_groups]
-    tm(torch.from_numpy(x), torch.from_numpy(y)).backward()
-    t_opt.step()
-    loss, grads = nn.value_and_grad(mm, lambda m, a, b: m(a, b))(mm, mx.array(x), mx.array(y))
-    m_opt.update(mm, grads)
-    torch_params = dict(tm.named_parameters())
-    moved = 0
-    for name, value in tree_flatten(mm.parameters()):
-        t = torch_params[name].detach().numpy()
-        # AdamW's first step is ~lr * sign(g) (lr up to ~2 here): where |g| ~ eps, fp32 rounding moves a few 1e-4
-        np.testing.assert_allclose(np.array(value), t, rtol=1e-4, atol=1e-3, err_msg=name)
-        moved += 1
-    assert moved == len(torch_params)
+    loss_and_grad = nn.value_and_grad(mm, lambda m, a, b: m(a, b))
+    for step, progress in enumerate((0.0, 0.55, 0.8)):  # the last two in the warmdown: lr falls step by step
+        x, y = rng.integers(0, 300, size=(2, 2, 64))
+        for module in (train, train_mlx):
+            assert module.get_lr_multiplier(progress) == train.get_lr_multiplier(progress)
+            assert module.get_muon_momentum(step) == train.get_muon_momentum(step)
+        for groups in (t_opt.param_groups, m_opt.param_groups, ref_groups):  # what the training loops do
+            for group in groups:
+                group["lr"] = group["initial_lr"] * train.get_lr_multiplier(progress)
+                if group["kind"] == "muon":
+                    group["momentum"] = train.get_muon_momentum(step)
+                    group["weight_decay"] = train.get_weight_decay(progress)
+        tm(torch.from_numpy(x), torch.from_numpy(y)).backward()
+        t_opt.step()
+        tm.zero_grad(set_to_none=True)
+        _, grads = loss_and_grad(mm, mx.array(x), mx.array(y))
+        m_opt.update(mm, grads)
+        mx.eval(mm.parameters())
+        with torch.no_grad():
+            for n, p in ref_model.named_parameters():
+                p.copy_(torch.from_numpy(ref_params[n]))
+        ref_model.zero_grad(set_to_none=True)
+        ref_model(torch.from_numpy(x), torch.from_numpy(y)).backward()
+        ref_step(ref_params, {n: p.grad.numpy() for n, p in ref_model.named_parameters()}, ref_groups, states)
+    mlx_params = dict(tree_flatten(mm.parameters()))
+    assert sorted(mlx_params) == sorted(ref_params)
+    for name, want in ref_params.items():
+        assert np.abs(want - start[name]).max() > 3e-3, name  # every parameter trained, by more than the tolerance
+        for framework, got in (("torch", tm.get_parameter(name).detach().numpy()), ("mlx", np.array(mlx_params[name]))):
+            # fp32 against float64: ~1e-7, except a few entries of the embeddings, whose Adam steps (lr ~2) divide a
+            # near-zero gradient by its own root mean square, where fp32 rounding moves up to ~1e-2 (0.5% of one such step)
+            err = np.abs(got - want)
+            assert (err > 1e-5).mean() < 1e-2 and err.max() < 2e-2, (framework, name, err.max(), (err > 1e-5).mean())
+
+
+def test_mlx_init_weights_match_the_torch_init_statistics():
+    """MLX's init_weights draws every parameter from the torch init's distribution: the same constants, and the same
+    mean, std and range for the normal and uniform ones."""
+    import torch
+    import train
+    import train_mlx
+    from mlx.utils import tree_flatten
+    cfg = dict(sequence_len=64, vocab_size=4096, n_layer=2, n_head=2, n_kv_head=2, n_embd=256, window_pattern="SL")
+    torch.manual_seed(0)
+    tm = train.GPT(train.GPTConfig(**cfg))
+    tm.init_weights()
+    mm = train_mlx.GPT(train_mlx.GPTConfig(**cfg))
+    mm.init_weights()
+    mlx_params = {k: np.array(v) for k, v in tree_flatten(mm.parameters())}
+    assert sorted(mlx_params) == sorted(n for n, _ in tm.named_parameters())
+    for name, p in tm.named_parameters():
+        t, m = p.detach().double().numpy(), mlx_params[name].astype(np.float64)
+        assert m.shape == t.shape, name
+        if t.std() == 0:  # zeros, ones, 0.1: exactly
+            np.testing.assert_array_equal(m, t, err_msg=name)
+            continue
+        n = t.size
+        assert abs(m.mean() - t.mean()) < 6 * t.std() / n**0.5, name
+        assert m.std() == pytest.approx(t.std(), rel=6 / n**0.5), name
+        # the shape of the distribution: a uniform's max is sqrt(3) std, a normal's ~4-5 std at these sizes
+        assert np.abs(m).max() / m.std() == pytest.approx(np.abs(t).max() / t.std(), rel=0.15), name
+
+
+@pytest.mark.parametrize("framework", ["torch", "mlx"])
+def test_a_parameter_outside_the_optimizer_groups_is_an_error(framework):
+    """The agent adds a parameter outside the transformer blocks and forgets its optimizer group: setup_optimizer
+    names it instead of training without it."""
+    import mlx.core as mx
+    import torch
+    tm, mm = _models()
+    if framework == "torch":
+        tm.out_gain = torch.nn.Parameter(torch.ones(tm.config.n_embd))
+        model = tm
+    else:
+        mm.out_gain = mx.ones((mm.config.n_embd,))
+        model = mm
+    with pytest.raises(AssertionError, match=r"parameters in no optimizer group would never train: out_gain$"):
+        model.setup_optimizer()
+
 
 def test_flex_attention_matches_sdpa_windows():
     """The CUDA attention path (FlexAttention, here in eager mode on the CPU) equals SDPA with an explicit mask."""
@@ -193,3 +283,35 @@ def test_missing_data_and_tokenizer_is_one_line(tmp_path, script):
     r = run_script(tmp_path / script, env, AUTORESEARCH_BACKEND="cpu")
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert "no tokenizer" in r.stderr and "uv run prepare.py" in r.stderr
+
+
+@pytest.mark.parametrize("script, machine, backend", [("train.py", "nvidia-smi-h100.csv", "cpu"),
+                                                      ("train_mlx.py", "m1", None)])
+def test_a_cpu_run_on_a_gpu_machine_uses_the_cpu_profile_and_peak(tiny_dataset, tmp_path, script, machine, backend):
+    """AUTORESEARCH_BACKEND=cpu on an H100 machine, MLX on a CPU with a Mac's chip name: the run evaluates with the
+    cpu profile even though the first prepare recorded the GPU's, MFU divides by the CPU's peak (1e11 here), and the
+    steady-state MFU counts exactly the steps that were timed."""
+    cache = tmp_path / "cache"
+    shutil.copytree(tiny_dataset["AUTORESEARCH_CACHE_DIR"], cache)
+    profile = "gpu" if machine.startswith("nvidia") else "apple"
+    (cache / "profile.json").write_text(json.dumps({"profile": profile, "max_seq_len": 2048, "eval_tokens": 5242880}))
+    env = {k: v for k, v in tiny_dataset.items() if k != "AUTORESEARCH_PROFILE"}
+    env.update(AUTORESEARCH_CACHE_DIR=str(cache), AUTORESEARCH_SIMULATE_HARDWARE=str(HARDWARE / machine))
+    if backend:
+        env["AUTORESEARCH_BACKEND"] = backend
+    tiny_scripts(tmp_path)
+    r = run_script(tmp_path / script, env, budget=1)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "Profile: cpu (max_seq_len=64" in r.stdout
+    assert "| peak 0.10 TFLOPS for MFU (env: AUTORESEARCH_CPU_PEAK_FLOPS)" in r.stdout
+    assert f"Total batch size: {8 * TINY_SEQ_LEN:,} tokens (8 x {TINY_SEQ_LEN} per micro-batch)" in r.stdout
+    if script == "train.py":  # the CPU dtype is measured at this model's width (or there is no bf16 hardware)
+        assert re.search(r"\nCPU compute dtype: (float32|bfloat16) \((measured: |no amx_bf16)", r.stdout)
+    flops_per_token = float(re.search(r"Estimated FLOPs per token: (\S+)", r.stdout).group(1))
+    dts = [int(m.group(5)) / 1000 for m in map(STEP_RE.search, r.stdout.split("\r")) if m]
+    summary = parse_summary(r.stdout)
+    assert int(summary["num_steps"]) == len(dts)
+    timed = dts[WARMUP_STEPS:]
+    want = 100 * flops_per_token * 8 * TINY_SEQ_LEN * len(timed) / sum(timed) / 1e11
+    # one step more than was timed would be 1 / len(timed) (a few %) too high; dt is printed to the millisecond
+    assert float(summary["mfu_percent"]) == pytest.approx(want, rel=0.25 / len(timed))
