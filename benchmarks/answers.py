@@ -37,6 +37,7 @@ long as JSON as in text and is cut all the same.
 import argparse
 import json
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -223,9 +224,11 @@ def run(protocol: str, answer_format: str, scope: str, warnings: list) -> Tally:
     server = FakeLLMServer(protocol).start()
     try:
         cfg = AgentConfig(provider=protocol, model=MODELS[protocol], answer_format=answer_format, scope=scope,
-                          llm_attempts=1, llm_timeout=30.0)
+                          llm_attempts=1, llm_timeout=30.0, max_tokens=4096, max_unusable_answers=0,
+                          runs_dir=Path(tempfile.mkdtemp(prefix="ar-answers-")))
         provider = make_provider(protocol, MODELS[protocol], KEY, server.base_url, timeout=30.0)
-        proposer = Proposer(cfg, Controls(), Status(), lambda m, level: warnings.append(m), provider)
+        proposer = Proposer(cfg, Controls(), Status(), lambda m, level="info": warnings.append(m), provider)
+        proposer.learn_window()  # what connect() ends with
         tally = Tally()
         structured = answer_format == "json"
         for n, case in enumerate(cases(scope), 1):
