@@ -19,9 +19,9 @@ import sys
 from dataclasses import asdict, dataclass
 from functools import partial
 
-from backends.mlx_cpu import parallel_cross_entropy, preload_openblas
+from backends.mlx_cpu import blas_name, parallel_cross_entropy, preload_openblas
 
-OPENBLAS = preload_openblas()  # before mlx loads: its matmuls then run on a system OpenBLAS, not the bundled one
+OPENBLAS = preload_openblas()  # before mlx loads: its matmuls then run on MKL or OpenBLAS, not the bundled BLAS
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -307,8 +307,9 @@ if __name__ == "__main__":
     peak_flops = _hw.peak_flops or 0.0
     device = "Metal GPU" if ON_METAL else "CPU"
     blas = ("" if ON_METAL else
-            f", BLAS: system OpenBLAS {OPENBLAS}" if OPENBLAS else
-            ", BLAS: bundled reference BLAS (slow: install OpenBLAS, e.g. sudo apt install libopenblas0-pthread)")
+            f", BLAS: {blas_name(OPENBLAS)} {OPENBLAS}" if OPENBLAS else
+            ", BLAS: bundled reference BLAS (slow: uv sync installs MKL on x86_64; else sudo apt install "
+            "libopenblas0-pthread)")
 
     print(f"Backend: mlx (MLX {mx.__version__}, {device}, {'bf16' if COMPUTE_DTYPE == mx.bfloat16 else 'fp32'}, "
           f"mx.compile{blas})")
