@@ -308,7 +308,7 @@ _hp = suggest_hyperparameters(_hw, MAX_SEQ_LEN, backend=BACKEND)  # depth and ba
 # Model architecture
 ASPECT_RATIO = 64       # model_dim = depth * ASPECT_RATIO
 HEAD_DIM = 128          # target head dimension for attention
-WINDOW_PATTERN = "SSSL" # sliding window pattern: L=full, S=half context
+WINDOW_PATTERN = "L" if _hp["tier"] == "cpu" else "SSSL"  # L=full, S=half context (CPU: benchmarks/cpu_sweep.md)
 
 # Optimization
 TOTAL_BATCH_SIZE = _hp["total_batch_size"]  # tokens per optimizer step
