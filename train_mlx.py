@@ -19,9 +19,9 @@ import sys
 from dataclasses import asdict, dataclass
 from functools import partial
 
-from backends.mlx_cpu import parallel_cross_entropy, preload_openblas
+from backends.mlx_cpu import blas_name, parallel_cross_entropy, preload_openblas
 
-OPENBLAS = preload_openblas()  # before mlx loads: its matmuls then run on a system OpenBLAS, not the bundled one
+OPENBLAS = preload_openblas()  # before mlx loads: its matmuls then run on MKL or OpenBLAS, not the bundled BLAS
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -253,7 +253,7 @@ _hp = suggest_hyperparameters(_hw, MAX_SEQ_LEN, backend="mlx")  # depth and batc
 # Model architecture
 ASPECT_RATIO = 64       # model_dim = depth * ASPECT_RATIO
 HEAD_DIM = 128          # target head dimension for attention
-WINDOW_PATTERN = "SSSL" # sliding window pattern: L=full, S=half context
+WINDOW_PATTERN = "L" if _hp["tier"] == "cpu" else "SSSL"  # L=full, S=half context (CPU: benchmarks/cpu_sweep.md)
 
 # Optimization
 TOTAL_BATCH_SIZE = _hp["total_batch_size"]  # tokens per optimizer step
@@ -313,8 +313,9 @@ if __name__ == "__main__":
     peak_flops = peak_flops or 0.0
     device = "Metal GPU" if ON_METAL else "CPU"
     blas = ("" if ON_METAL else
-            f", BLAS: system OpenBLAS {OPENBLAS}" if OPENBLAS else
-            ", BLAS: bundled reference BLAS (slow: install OpenBLAS, e.g. sudo apt install libopenblas0-pthread)")
+            f", BLAS: {blas_name(OPENBLAS)} {OPENBLAS}" if OPENBLAS else
+            ", BLAS: bundled reference BLAS (slow: uv sync installs MKL on x86_64; else sudo apt install "
+            "libopenblas0-pthread)")
 
     print(f"Backend: mlx (MLX {mx.__version__}, {device}, {'bf16' if COMPUTE_DTYPE == mx.bfloat16 else 'fp32'}, "
           f"mx.compile{blas})")
@@ -365,6 +366,8 @@ if __name__ == "__main__":
         optimizer.update(model, grads)
         return grads
 
+    # Steps left out of the time budget: mx.compile traces and compiles in the first call (fixed shapes), so step 0
+    warmup_steps = 1
     train_loader = make_dataloader(tokenizer, DEVICE_BATCH_SIZE, MAX_SEQ_LEN, "train", device="mlx")
     x, y, epoch = next(train_loader)  # prefetch the first batch
 
@@ -424,7 +427,7 @@ if __name__ == "__main__":
         t1 = time.time()
         dt = t1 - t0
 
-        if step > 10:
+        if step >= warmup_steps:
             total_training_time += dt
 
         # Logging
@@ -451,7 +454,7 @@ if __name__ == "__main__":
         step += 1
 
         # Time's up, but only stop after the warm-up steps (which do not count)
-        if step > 10 and total_training_time >= TIME_BUDGET:
+        if step >= warmup_steps and total_training_time >= TIME_BUDGET:
             break
 
     print()  # newline after the \r training log
@@ -471,8 +474,8 @@ if __name__ == "__main__":
         val_bpb = evaluate_bpb(model, tokenizer, DEVICE_BATCH_SIZE)
 
     t_end = time.time()
-    # steps 11 and later were timed (0-10 are the warm-up)
-    steady_state_mfu = (100 * num_flops_per_token * TOTAL_BATCH_SIZE * (step - 11) / total_training_time / peak_flops
+    # the steps from warmup_steps on were timed
+    steady_state_mfu = (100 * num_flops_per_token * TOTAL_BATCH_SIZE * (step - warmup_steps) / total_training_time / peak_flops
                         if total_training_time > 0 and peak_flops else 0.0)
     peak_vram_mb = get_peak_memory_mb("mlx")
 

@@ -14,25 +14,45 @@ MAX_HEAD_STREAMS = 4  # CPU streams for the loss head; more than the cores only 
 # -----------------------------------------------------------------------------
 # BLAS
 
-def preload_openblas():
-    """The path of the system OpenBLAS loaded for MLX, or None (not Linux, disabled, none found).
+def _env_mkl():
+    """libmkl_rt installed into this Python environment by PyPI's `mkl` wheel, or None."""
+    import glob
+    for lib in dict.fromkeys((os.path.join(sys.prefix, "lib"), os.path.join(sys.base_prefix, "lib"))):
+        rt = sorted(glob.glob(os.path.join(lib, "libmkl_rt.so*")))
+        if rt:
+            return rt[0]
+    return None
 
-    The mlx-cpu wheel ships a reference BLAS (~35x slower matmuls than OpenBLAS). A system OpenBLAS loaded globally
-    before mlx makes MLX's cblas calls resolve to it. AUTORESEARCH_OPENBLAS=0 disables, =PATH picks a file."""
+
+def preload_openblas():
+    """The path of the BLAS loaded for MLX, or None (not Linux, disabled, none found).
+
+    The mlx-cpu wheel ships a reference BLAS (~35x slower matmuls than OpenBLAS). A BLAS with the standard cblas
+    names loaded globally before mlx makes MLX's cblas calls resolve to it: AUTORESEARCH_OPENBLAS=PATH if set, else
+    MKL from PyPI's `mkl` wheel in this environment (a project dependency on x86_64 Linux), else a system OpenBLAS.
+    AUTORESEARCH_OPENBLAS=0 disables. (PyPI's scipy-openblas wheels cannot serve: their symbols are scipy_cblas_*.)"""
     if sys.platform != "linux" or os.environ.get("AUTORESEARCH_OPENBLAS") == "0":
         return None
     arch = os.uname().machine
-    candidates = [os.environ.get("AUTORESEARCH_OPENBLAS"),
+    candidates = [os.environ.get("AUTORESEARCH_OPENBLAS"), _env_mkl(),
                   f"/usr/lib/{arch}-linux-gnu/openblas-pthread/libopenblas.so.0",
                   f"/usr/lib/{arch}-linux-gnu/libopenblas.so.0",
                   ctypes.util.find_library("openblas")]
     for path in filter(None, candidates):
         try:
+            iomp = os.path.join(os.path.dirname(path), "libiomp5.so")
+            if blas_name(path) == "MKL" and os.path.exists(iomp):  # MKL's OpenMP runtime (PyPI intel-openmp) sits
+                ctypes.CDLL(iomp, mode=ctypes.RTLD_GLOBAL)          # beside it, off the loader's search path
             ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
             return path
         except OSError:
             continue
     return None
+
+
+def blas_name(path):
+    """How the startup line names the BLAS at `path` (from preload_openblas)."""
+    return "MKL" if "mkl" in os.path.basename(path).lower() else "OpenBLAS"
 
 # -----------------------------------------------------------------------------
 # Loss head over the cores

@@ -37,13 +37,13 @@ CUDA_TIERS = [  # (nominal device memory GB, tier name, depth, device_batch_size
 # qualifies for a row at 90% of the row's nominal size.
 CUDA_MEMORY_SLACK = 0.9
 
-# CPU: depth 3 (model dim 256, 10.7M params), 8 x 512-token rows, one micro-batch (4,096 tokens) per step.
-# Sweep on a 2-core AVX2 machine, bench corpus, unmodified train.py, 5-minute budget (val_bpb / tok/s / MFU / steps):
-#   depth 2: 1.815 / 7.9K / 36% / 593    depth 3: 1.873 / 3.8K / 53% / 290    depth 4: 1.893 / 3.2K / 53% / 249
-# and at a 2-minute budget, depth 4: batch 2K 2.170, 4K 2.115, 8K 2.146; context 256 2.087, 1024 2.360 (other
-# evaluation sets); depth 6 2.52. Depth 2 learns fastest here but its small matrices leave half the CPU idle;
-# depth 3 keeps the CPU busy and still takes ~300 optimizer steps in 5 minutes. total_batch_size None = no accumulation.
-CPU_TIER = (3, 8, None)
+# CPU: depth 2 (model dim 128, one head, 3.5M params), 8 x 512-token rows, one micro-batch (4,096 tokens) per step,
+# and (in the trainers) window pattern "L": every layer full-context, which takes SDPA's causal fast path at 512.
+# Chosen by val_bpb at 5 minutes on two corpora (benchmarks/cpu_sweep.md; 2-core EPYC, loaded): bench / manpages
+#   depth 2 "L": 1.972 / 0.568    depth 2, batch 4 x 512 = 2,048: 1.995 / 0.596    depth 3 "SSSL": 2.071 / 0.636
+# after a 60 s screening of depth, width, window pattern, device and total batch with the same ranking on both.
+# total_batch_size None = no accumulation.
+CPU_TIER = (2, 8, None)
 
 # Which table a backend trains with when the hardware kind alone would mislead (mlx[cpu] on Linux, cpu on a Mac).
 _BACKEND_FAMILY = {"mlx": "apple", "mps": "apple", "cuda": "cuda", "cpu": "cpu"}

@@ -346,10 +346,27 @@ def test_preload_openblas_choices(monkeypatch):
     assert preload_openblas() == libm      # the user's choice comes before the system paths
     monkeypatch.setenv("AUTORESEARCH_OPENBLAS", "/nonexistent/libopenblas.so.0")
     found = preload_openblas()             # an unloadable choice falls through to the system's, if any
-    assert found is None or "openblas" in found
+    assert found is None or "openblas" in found or "mkl_rt" in found
     monkeypatch.setattr(sys, "platform", "darwin")
     monkeypatch.setenv("AUTORESEARCH_OPENBLAS", libm)
     assert preload_openblas() is None      # Metal builds of MLX use Accelerate
+
+
+def test_preload_finds_mkl_installed_with_the_project(monkeypatch, tmp_path):
+    """PyPI's mkl wheel puts libmkl_rt.so.* (and intel-openmp's libiomp5.so) into the environment's lib/: MLX on Linux
+    uses it without any system package, and the startup line names it."""
+    import ctypes.util
+    from backends.mlx_cpu import blas_name, preload_openblas
+    libm = ctypes.util.find_library("m")
+    real = next(p for d in ("/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/lib64", "/usr/lib64", "/lib")
+                for p in [os.path.join(d, libm)] if os.path.exists(p))
+    (tmp_path / "lib").mkdir()
+    shutil.copy(real, tmp_path / "lib" / "libmkl_rt.so.2")  # any loadable library stands in for MKL
+    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.setattr(sys, "prefix", str(tmp_path))
+    monkeypatch.delenv("AUTORESEARCH_OPENBLAS", raising=False)
+    found = preload_openblas()
+    assert found == str(tmp_path / "lib" / "libmkl_rt.so.2") and blas_name(found) == "MKL"
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 5])
@@ -411,7 +428,7 @@ def test_tier_values():
     assert s(HW_FOR_TIER["apple-ultra"], 512) == dict(depth=10, device_batch_size=32, total_batch_size=2**16,
                                                       tier="apple-ultra")
     assert s(HW_FOR_TIER["cuda-40gb"]) == dict(depth=8, device_batch_size=64, total_batch_size=2**18, tier="cuda-40gb")
-    assert s(HW_FOR_TIER["cpu"], 512) == dict(depth=3, device_batch_size=8, total_batch_size=8 * 512, tier="cpu")
+    assert s(HW_FOR_TIER["cpu"], 512) == dict(depth=2, device_batch_size=8, total_batch_size=8 * 512, tier="cpu")
 
 
 @pytest.mark.parametrize("memory_gb, tier", [(8, "apple-base"), (16, "apple-base"), (18, "apple-pro"),
