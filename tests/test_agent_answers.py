@@ -252,8 +252,9 @@ def test_structured_values_keep_every_other_line_of_the_block():
     values = {"MATRIX_LR": "0.03", "ADAM_BETAS": "[0.9, 0.95]", "DEPTH": "6", "WINDOW_PATTERN": "'SSLL'"}
     new = apply_proposal(REAL_TRAIN, Proposal("change", "why", values=values), "hparams")
     assert changed_lines(REAL_TRAIN, new) == [
-        '-WINDOW_PATTERN = "SSSL" # sliding window pattern: L=full, S=half context',
-        "+WINDOW_PATTERN = 'SSLL' # sliding window pattern: L=full, S=half context",
+        '-WINDOW_PATTERN = "L" if _hp["tier"] == "cpu" else "SSSL"  # L=full, S=half context (CPU: '
+        'benchmarks/cpu_sweep.md)',
+        "+WINDOW_PATTERN = 'SSLL'  # L=full, S=half context (CPU: benchmarks/cpu_sweep.md)",
         "-MATRIX_LR = 0.04        # learning rate for matrix parameters (Muon)",
         "+MATRIX_LR = 0.03        # learning rate for matrix parameters (Muon)",
         "-ADAM_BETAS = (0.8, 0.95)", "+ADAM_BETAS = [0.9, 0.95]",

@@ -287,6 +287,8 @@ def _kind(node) -> str | None:
     if isinstance(node, ast.BinOp):
         kinds = {_kind(node.left), _kind(node.right)}
         return "a number" if kinds == {"a number"} else ("a string" if "a string" in kinds else None)
+    if isinstance(node, ast.IfExp):  # WINDOW_PATTERN = "L" if _hp["tier"] == "cpu" else "SSSL": a string either way
+        return _kind(node.body) if _kind(node.body) == _kind(node.orelse) else None
     if isinstance(node, (ast.Tuple, ast.List)):
         return "a tuple or list"
     return {ast.Set: "a set", ast.Dict: "a dict"}.get(type(node))
