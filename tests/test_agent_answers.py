@@ -4,6 +4,7 @@ change drops, unknown names and wrong types, replies cut at the output cap."""
 
 import difflib
 import json
+import re
 from pathlib import Path
 
 import anthropic
@@ -88,8 +89,8 @@ def test_a_structured_hparams_answer_rewrites_just_that_assignment(server, tmp_p
     assert changed_lines(FAKE_SOURCE, new) == ["-LEARNING_RATE = 0.01", "+LEARNING_RATE = 0.02"]
     body = server.chat_requests()[0].body
     schema = schema_of(server.kind, body)
-    assert schema["properties"]["hparams"]["items"]["properties"]["name"]["enum"] == \
-        ["LEARNING_RATE", "DEPTH", "MODE", "STEPS", "STEP_SLEEP"]
+    assert [alt["properties"]["name"]["enum"] for alt in schema["properties"]["hparams"]["items"]["anyOf"]] == \
+        [["LEARNING_RATE"], ["DEPTH"], ["MODE"], ["STEPS"], ["STEP_SLEEP"]]
     system = body["system"] if server.kind == "anthropic" else body["messages"][0]["content"]
     assert "one JSON object" in system and "CODE:" not in system
     assert rec.logs("warning") == []
@@ -260,6 +261,30 @@ def test_structured_values_keep_every_other_line_of_the_block():
         "-ADAM_BETAS = (0.8, 0.95)", "+ADAM_BETAS = [0.9, 0.95]",
         '-DEPTH = _hp["depth"]                          # number of transformer layers',
         "+DEPTH = 6                          # number of transformer layers"]
+
+
+def test_each_hyperparameter_gets_a_value_pattern_of_the_kind_it_has():
+    # a grammar-constrained server (llama.cpp) decodes only what the pattern allows: a weak model's "," or copied
+    # field description can no longer become MATRIX_LR; every value the block could take still can
+    items = answer_spec("hparams", REAL_TRAIN).schema["properties"]["hparams"]["items"]["anyOf"]
+    pattern = {alt["properties"]["name"]["enum"][0]: alt["properties"]["value"]["pattern"] for alt in items}
+    assert sorted(pattern) == sorted(["ASPECT_RATIO", "HEAD_DIM", "WINDOW_PATTERN", "TOTAL_BATCH_SIZE", "EMBEDDING_LR",
+                                      "UNEMBEDDING_LR", "MATRIX_LR", "SCALAR_LR", "WEIGHT_DECAY", "ADAM_BETAS",
+                                      "WARMUP_RATIO", "WARMDOWN_RATIO", "FINAL_LR_FRAC", "DEPTH", "DEVICE_BATCH_SIZE"])
+    good = {"MATRIX_LR": ["0.03", "3e-4", "-1", "0.5 * 0.1"], "TOTAL_BATCH_SIZE": ["2 ** 18", "65536"],
+            "WINDOW_PATTERN": ["'SSSL'", "'L'"], "ADAM_BETAS": ["(0.9, 0.95)", "[0.8, 0.99]"], "DEPTH": ["6"]}
+    bad = {"MATRIX_LR": [",", "", "the new value as a Python literal", "'fast'", "0.03\n"],
+           "WINDOW_PATTERN": ["4", '"SSSL"', "SSSL"], "ADAM_BETAS": ["0.9"], "DEPTH": [",", "deep"]}
+    for name, values in good.items():
+        for value in values:
+            assert re.fullmatch(pattern[name], value), (name, value)
+            apply_proposal(REAL_TRAIN, Proposal("change", "why", values={name: value}), "hparams")
+    for name, values in bad.items():
+        for value in values:
+            assert not re.fullmatch(pattern[name], value), (name, value)
+    # llama.cpp puts a pattern's text into the JSON string unescaped: a quote or backslash would end it early
+    for p in pattern.values():
+        assert not any(re.search(p, s) for s in ("'a\"b'", "(1, \"2\")", "1\\"))
 
 
 def test_structured_answers_from_a_server_that_does_not_constrain_decoding():

@@ -2,17 +2,32 @@
 into a Proposal.
 
 The schema keeps to the subset OpenAI's strict mode accepts (every property required, additionalProperties false,
-no string length limits; an array's minItems is accepted), which Anthropic's tool input schemas and Ollama's format take as well. Hyperparameter values are
-strings holding Python literals: a JSON type per name could not say "a tuple of floats" or tell 4 from 4.0, and the
-block's own types are checked when the values are applied (tui.prompt.set_hparams).
+no string length limits; an array's minItems, anyOf, enum and a string's pattern are accepted), which Anthropic's
+tool input schemas and Ollama's format take as well. Hyperparameter values are strings holding Python literals: a JSON
+type per name could not say "a tuple of floats" or tell 4 from 4.0. Each name gets its own item schema whose value
+pattern follows the kind of value the block has today (a number, a quoted string, a tuple, ...), so a server that
+constrains decoding cannot let a weak model answer "," or a field description as a learning rate; the block's own
+types are still checked when the values are applied (tui.prompt.set_hparams).
+The patterns never allow a double quote or a backslash: llama.cpp turns a pattern into a grammar for the raw string
+content without JSON escaping, so either would end the JSON string early. Strings are written in single quotes.
 """
 
 from tui.llm_base import AnswerSpec, LLMReply
-from tui.prompt import DESCRIPTION_MAX, FIELD_HELP, TOOL_NAME, AnswerError, Proposal, hparam_names, parse_answer
+from tui.prompt import DESCRIPTION_MAX, FIELD_HELP, TOOL_NAME, AnswerError, Proposal, hparam_kinds, parse_answer
 
 FIELDS = {"hparams": ("description", "reasoning", "hparams"), "file": ("description", "reasoning", "edits")}
 TRUNCATED = ("the answer was truncated: it was cut off at the output limit (max_tokens) before it was complete; send a "
              "shorter answer, only the fields of the format, no preamble and no repeated prompt")
+
+
+# what each kind of value may look like (tui.prompt._kind); None: a name whose kind the block does not show
+VALUE_PATTERNS = {
+    "a number": r"^[-+(]*[0-9.][0-9_.eE+*/() -]*$",  # 0.03, 3e-4, 2 ** 18, -1
+    "a string": r"""^'[^'"\\\n]*'$""",  # 'SSSL'
+    "a boolean": r"^(True|False)$",
+    "a tuple or list": r"""^[(\[][^"\\\n]*[)\]]$""",  # (0.9, 0.95)
+    None: r"""^[-+('\[{0-9.TFN][^"\\\n]*$""",  # any literal
+}
 
 
 def _object(properties: dict) -> dict:
@@ -27,11 +42,13 @@ def answer_spec(scope: str, source: str, script_name: str = "train.py") -> Answe
     """What the model is asked to return for one experiment; for hparams the names are those of the current block."""
     properties = {"description": _string(FIELD_HELP["description"]), "reasoning": _string(FIELD_HELP["reasoning"])}
     if scope == "hparams":
-        names = hparam_names(source)
-        pair = _object({"name": {"type": "string", **({"enum": names} if names else {})},
-                        "value": _string("the new value as a Python literal")})
+        pairs = [_object({"name": {"type": "string", "enum": [name]},
+                          "value": {**_string("the new value as a Python literal"),
+                                    "pattern": VALUE_PATTERNS.get(kind, VALUE_PATTERNS[None])}})
+                 for name, kind in hparam_kinds(source).items()]
+        items = {"anyOf": pairs} if pairs else _object({"name": {"type": "string"}, "value": _string("a literal")})
         # minItems: a grammar-constrained server (llama.cpp) otherwise lets a weak model answer with no change at all
-        properties["hparams"] = {"type": "array", "items": pair, "minItems": 1, "description": FIELD_HELP["hparams"]}
+        properties["hparams"] = {"type": "array", "items": items, "minItems": 1, "description": FIELD_HELP["hparams"]}
     else:
         edit = _object({"search": _string(FIELD_HELP["search"]), "replace": _string(FIELD_HELP["replace"])})
         properties["edits"] = {"type": "array", "items": edit, "minItems": 1,

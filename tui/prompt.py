@@ -38,8 +38,10 @@ SEARCH_RE = re.compile(r"^\s*<{5,9}\s*SEARCH\s*$")
 DIVIDER_RE = re.compile(r"^\s*={5,9}\s*$")
 REPLACE_RE = re.compile(r"^\s*>{5,9}\s*REPLACE\s*$")
 FENCE_RE = re.compile(r"^\s*(```|~~~)")
-# tolerates **DESCRIPTION:** and ## REASONING:; the prefix stays on its line ([^\S\n] is whitespace but a newline)
-FIELD_RE = r"^(?:[^\S\n]|[*#>_])*{name}[\s*_]*:[\s*_]*"
+# tolerates **DESCRIPTION:** and ## REASONING:, and a markdown heading of the name alone on its line ("## Description",
+# "**Code**") with the text on the lines below; the prefix stays on its line ([^\S\n] is whitespace but a newline)
+FIELD_RE = (r"^(?:[^\S\n]|[*#>_])*{name}[\s*_]*:[\s*_]*"
+            r"|^[^\S\n]*(?:#{{1,6}}|\*\*)[^\S\n]*{name}[^\S\n]*(?:\*\*)?[^\S\n]*\n\s*")
 REASONING_END_RE = re.compile(r"^[^\S\n]*(<{5,9}\s*SEARCH|```|~~~)", re.MULTILINE)
 # a file label above a SEARCH block: a line ending in a .py path, after at most LABEL_WORDS other words ("File:",
 # "In", "Changes to") or with a colon after the path, markdown decoration aside; or a fence's info string naming one
@@ -271,6 +273,13 @@ def _block_assignments(span: HparamsSpan) -> dict:
 def hparam_names(source: str) -> list:
     """The names a structured answer may set: the block's own constants (helpers such as _hp are not values)."""
     return [n for n in _block_assignments(find_hparams(source)) if not n.startswith("_")]
+
+
+def hparam_kinds(source: str) -> dict:
+    """name -> the kind of value (_kind) each settable constant of the block has today; None where it cannot tell
+    (e.g. `DEPTH = _hp["depth"]`)."""
+    today = _block_assignments(find_hparams(source))
+    return {name: _kind(today[name].value) for name in hparam_names(source)}
 
 
 def _kind(node) -> str | None:
