@@ -58,6 +58,24 @@ def test_marker_and_format_variants_never_break_the_script(variant):
     assert "LEARNING_RATE = 0.03" in body and "reasons" not in body
 
 
+@pytest.mark.parametrize("style", ["## {}", "### {}", "**{}**", "# {}  "])
+def test_headings_without_a_colon_name_the_fields_on_the_lines_below(style):
+    # "## Description" on its own line, the text under it: how chat models format answers by habit
+    head = {name: style.format(name) for name in ("Description", "Reasoning", "Code")}
+    text = (f"{head['Description']}\n\nlr 0.03\n\n{head['Reasoning']}\nA higher rate.\nStill short.\n\n"
+            f"{head['Code']}\n```python\n{hp_block(lr=0.03)}```\n")
+    p = parse_answer(text, "hparams")
+    assert (p.description, p.reasoning) == ("lr 0.03", "A higher rate.\nStill short.")
+    assert "LEARNING_RATE = 0.03" in markers_intact(apply_proposal(SOURCE, p, "hparams"))
+    edit = (f"{head['Description']}\ndeeper\n{head['Reasoning']}\nmore capacity\n"
+            f"<<<<<<< SEARCH\nDEPTH = 4\n=======\nDEPTH = 5\n>>>>>>> REPLACE\n")
+    p = parse_answer(edit, "file")
+    assert (p.description, p.reasoning) == ("deeper", "more capacity")
+    # a heading that merely starts with the name is not the field
+    with pytest.raises(AnswerError, match="no 'DESCRIPTION:' line"):
+        parse_answer(text.replace(head["Description"], style.format("Description of the idea")), "hparams")
+
+
 @pytest.mark.parametrize("text,message", [
     ("REASONING: x\nCODE:\nLEARNING_RATE = 1\n", "DESCRIPTION"),
     ("DESCRIPTION: x\nREASONING: y\n", "CODE"),
