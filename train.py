@@ -390,7 +390,8 @@ if __name__ == "__main__":
           f"{str(compute_dtype).removeprefix('torch.')}{', torch.compile' if use_compile else ''})")
     if BACKEND == "cpu":
         print(f"CPU compute dtype: {str(compute_dtype).removeprefix('torch.')} ({dtype_note})")
-    print(f"Chip: {_hw.chip_name} | peak {peak_flops / 1e12:.2f} TFLOPS for MFU ({peak_source})")
+    chip = (_hw.cpu_model or _hw.chip_name) if BACKEND == "cpu" else _hw.chip_name  # the chip that trains
+    print(f"Chip: {chip} | peak {peak_flops / 1e12:.2f} TFLOPS for MFU ({peak_source})")
     print(describe_setup())
 
     tokenizer = Tokenizer.from_directory()
@@ -534,4 +535,4 @@ if __name__ == "__main__":
 
     print_summary(val_bpb=val_bpb, training_seconds=total_training_time, total_seconds=t_end - t_start,
                   peak_vram_mb=peak_vram_mb, mfu_percent=steady_state_mfu, total_tokens_M=total_tokens / 1e6,
-                  num_steps=step, num_params_M=num_params / 1e6, depth=DEPTH, backend=BACKEND, chip=_hw.chip_name)
+                  num_steps=step, num_params_M=num_params / 1e6, depth=DEPTH, backend=BACKEND, chip=chip)

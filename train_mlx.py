@@ -319,7 +319,8 @@ if __name__ == "__main__":
 
     print(f"Backend: mlx (MLX {mx.__version__}, {device}, {'bf16' if COMPUTE_DTYPE == mx.bfloat16 else 'fp32'}, "
           f"mx.compile{blas})")
-    print(f"Chip: {_hw.chip_name} | peak {peak_flops / 1e12:.2f} TFLOPS for MFU ({peak_source})")
+    chip = _hw.chip_name if ON_METAL else (_hw.cpu_model or _hw.chip_name)  # the chip that trains
+    print(f"Chip: {chip} | peak {peak_flops / 1e12:.2f} TFLOPS for MFU ({peak_source})")
     print(describe_setup())
 
     tokenizer = Tokenizer.from_directory()
@@ -481,4 +482,4 @@ if __name__ == "__main__":
 
     print_summary(val_bpb=val_bpb, training_seconds=total_training_time, total_seconds=t_end - t_start,
                   peak_vram_mb=peak_vram_mb, mfu_percent=steady_state_mfu, total_tokens_M=total_tokens / 1e6,
-                  num_steps=step, num_params_M=num_params / 1e6, depth=DEPTH, backend="mlx", chip=_hw.chip_name)
+                  num_steps=step, num_params_M=num_params / 1e6, depth=DEPTH, backend="mlx", chip=chip)

@@ -314,6 +314,8 @@ def test_a_cpu_run_on_a_gpu_machine_uses_the_cpu_profile_and_peak(tiny_dataset, 
     dts = [int(m.group(5)) / 1000 for m in map(STEP_RE.search, r.stdout.split("\r")) if m]
     summary = parse_summary(r.stdout)
     assert int(summary["num_steps"]) == len(dts)
+    chip = re.search(r"\nChip: (.*?) \| peak", r.stdout).group(1)  # the CPU that trained, not the machine's GPU
+    assert chip == summary["chip"] and not any(gpu in chip for gpu in ("H100", "Apple", "NVIDIA"))
     timed = dts[uncounted:]  # on a CPU every step is timed but MLX's step 0 (mx.compile)
     want = 100 * flops_per_token * 8 * TINY_SEQ_LEN * len(timed) / sum(timed) / 1e11
     # one step more than was timed would be 1 / len(timed) (a few %) too high; dt is printed to the millisecond
