@@ -89,8 +89,9 @@ def test_a_structured_hparams_answer_rewrites_just_that_assignment(server, tmp_p
     assert changed_lines(FAKE_SOURCE, new) == ["-LEARNING_RATE = 0.01", "+LEARNING_RATE = 0.02"]
     body = server.chat_requests()[0].body
     schema = schema_of(server.kind, body)
-    assert [alt["properties"]["name"]["enum"] for alt in schema["properties"]["hparams"]["items"]["anyOf"]] == \
-        [["LEARNING_RATE"], ["DEPTH"], ["MODE"], ["STEPS"], ["STEP_SLEEP"]]
+    hparams = schema["properties"]["hparams"]
+    assert list(hparams["properties"]) == hparams["required"] == ["LEARNING_RATE", "DEPTH", "MODE", "STEPS",
+                                                                   "STEP_SLEEP"]
     system = body["system"] if server.kind == "anthropic" else body["messages"][0]["content"]
     assert "one JSON object" in system and "CODE:" not in system
     assert rec.logs("warning") == []
@@ -172,24 +173,47 @@ def test_answer_format_json_does_not_fall_back(tmp_path):
 
 
 @pytest.mark.parametrize("answer, where", [
-    (hp_answer(description="<one line, under 80 characters, …>", lr=0.02), "description"),
-    (hp_answer(reasoning="<2-3 sentences: why you expect this to lower val_bpb>", lr=0.02), "reasoning"),
-    (hp_answer(description="<your description here>", lr=0.02), "description"),
-    (hp_answer(lr=0.02, extra="# <the complete new hyperparameter block: every line between the banners>"),
-     "CODE section"),
+    (file_answer([("DEPTH = 4", "DEPTH = 5")], description="<one line, under 80 characters, …>"),
+     "description"),
+    (file_answer([("DEPTH = 4", "DEPTH = 5")], reasoning="<2-3 sentences: why you expect this to lower val_bpb>"),
+     "reasoning"),
+    (file_answer([("DEPTH = 4", "DEPTH = 5  # <the lines that replace them>")]), "REPLACE text of block 1"),
 ])
 def test_placeholders_copied_from_the_format_are_refused(answer, where):
     with pytest.raises(AnswerError, match=rf"the {where} is the placeholder \"<.*>\" copied from the answer format"):
-        apply_proposal(FAKE_SOURCE, parse_answer(answer, "hparams"), "hparams")
+        apply_proposal(FAKE_SOURCE, parse_answer(answer, "file"), "file")
+    code = hp_answer(lr=0.02, extra="# <the complete new hyperparameter block: every line between the banners>")
+    with pytest.raises(AnswerError, match=r"the CODE section is the placeholder \"<the complete new"):
+        apply_proposal(FAKE_SOURCE, parse_answer(code, "hparams"), "hparams")
+    with pytest.raises(AnswerError, match="the value of DEPTH is the placeholder \"<the lines that replace them>"):
+        apply_proposal(FAKE_SOURCE, Proposal("d", "r", values={"DEPTH": "'<the lines that replace them>'"}),
+                       "hparams")
 
 
-def test_placeholders_in_file_edits_and_structured_fields_are_refused():
-    copied = file_answer([("DEPTH = 4", "DEPTH = 5  # <the lines that replace them>")])
-    with pytest.raises(AnswerError, match="REPLACE text of block 1 is the placeholder"):
-        apply_proposal(FAKE_SOURCE, parse_answer(copied, "file"), "file")
-    echoed = Proposal(FIELD_HELP["description"], "r", values={"DEPTH": "5"})
-    with pytest.raises(AnswerError, match="the description is the placeholder \"what you changed, in one line"):
-        apply_proposal(FAKE_SOURCE, echoed, "hparams")
+@pytest.mark.parametrize("proposal", [
+    parse_answer(hp_answer(description="<one line, under 80 characters, …>", lr=0.02), "hparams"),
+    parse_answer(hp_answer(description="<your description here>", lr=0.02), "hparams"),
+    Proposal(FIELD_HELP["description"], FIELD_HELP["reasoning"], values={"LEARNING_RATE": "0.02"}),
+])
+def test_a_copied_label_of_a_usable_hparams_change_is_written_from_the_change(proposal):
+    # the values say the whole change: the copied text is dropped and the engine describes it, no round trip
+    new = apply_proposal(FAKE_SOURCE, proposal, "hparams")
+    assert changed_lines(FAKE_SOURCE, new)[1].startswith("+LEARNING_RATE = 0.02")
+    assert proposal.description == "LEARNING_RATE = 0.02" and "description" in proposal.labelled_by_engine
+    assert "<" not in proposal.reasoning and FIELD_HELP["reasoning"] not in proposal.reasoning
+
+
+def test_a_copied_label_is_logged_and_a_refused_change_keeps_its_own(server, tmp_path):
+    proposer, rec, repo = agent(server, tmp_path)
+    server.push(server.structured({**LR, "description": FIELD_HELP["description"]}))
+    proposal, new = propose(proposer, repo)
+    assert proposal.description == "LEARNING_RATE = 0.02" and len(server.chat_requests()) == 1
+    assert any("exp1: the answer's description copied the answer format; described from the change instead: "
+               "LEARNING_RATE = 0.02" in m for m in rec.logs("warning"))
+    unchanged = Proposal(FIELD_HELP["description"], "r", values={"LEARNING_RATE": "0.01"})
+    with pytest.raises(AnswerError, match="changes nothing"):
+        apply_proposal(FAKE_SOURCE, unchanged, "hparams")
+    assert unchanged.description == FIELD_HELP["description"] and not unchanged.labelled_by_engine
 
 
 def test_a_copied_prompt_is_refused_with_what_was_wrong(server, tmp_path):
@@ -197,7 +221,7 @@ def test_a_copied_prompt_is_refused_with_what_was_wrong(server, tmp_path):
     # the model sends the system prompt back, format and all (what the small base model of issue 14 did)
     server.default_chat = lambda body: server.text(
         body["system"] if server.kind == "anthropic" else body["messages"][0]["content"])
-    with pytest.raises(SkipExperiment, match="unusable answer after a corrective retry: the description is the "
+    with pytest.raises(SkipExperiment, match="unusable answer after a corrective retry: the CODE section is the "
                                              "placeholder"):
         propose(proposer, repo)
     assert "copied from the answer format" in server.prompts()[1] and len(server.chat_requests()) == 2
@@ -266,14 +290,16 @@ def test_structured_values_keep_every_other_line_of_the_block():
 def test_each_hyperparameter_gets_a_value_pattern_of_the_kind_it_has():
     # a grammar-constrained server (llama.cpp) decodes only what the pattern allows: a weak model's "," or copied
     # field description can no longer become MATRIX_LR; every value the block could take still can
-    items = answer_spec("hparams", REAL_TRAIN).schema["properties"]["hparams"]["items"]["anyOf"]
-    pattern = {alt["properties"]["name"]["enum"][0]: alt["properties"]["value"]["pattern"] for alt in items}
+    names = answer_spec("hparams", REAL_TRAIN).schema["properties"]["hparams"]["properties"]
+    assert all(spec["anyOf"][1] == {"type": "null"} for spec in names.values())  # null: unchanged
+    pattern = {name: spec["anyOf"][0]["pattern"] for name, spec in names.items()}
     assert sorted(pattern) == sorted(["ASPECT_RATIO", "HEAD_DIM", "WINDOW_PATTERN", "TOTAL_BATCH_SIZE", "EMBEDDING_LR",
                                       "UNEMBEDDING_LR", "MATRIX_LR", "SCALAR_LR", "WEIGHT_DECAY", "ADAM_BETAS",
                                       "WARMUP_RATIO", "WARMDOWN_RATIO", "FINAL_LR_FRAC", "DEPTH", "DEVICE_BATCH_SIZE"])
     good = {"MATRIX_LR": ["0.03", "3e-4", "-1", "0.5 * 0.1"], "TOTAL_BATCH_SIZE": ["2 ** 18", "65536"],
             "WINDOW_PATTERN": ["'SSSL'", "'L'"], "ADAM_BETAS": ["(0.9, 0.95)", "[0.8, 0.99]"], "DEPTH": ["6"]}
-    bad = {"MATRIX_LR": [",", "", "the new value as a Python literal", "'fast'", "0.03\n"],
+    bad = {"MATRIX_LR": [",", "", "the new value as a Python literal", "'fast'", "0.03\n", "./../.03/03.03.03",
+                         "0." + "3" * 40],
            "WINDOW_PATTERN": ["4", '"SSSL"', "SSSL"], "ADAM_BETAS": ["0.9"], "DEPTH": [",", "deep"]}
     for name, values in good.items():
         for value in values:
@@ -290,7 +316,7 @@ def test_each_hyperparameter_gets_a_value_pattern_of_the_kind_it_has():
 def test_structured_answers_from_a_server_that_does_not_constrain_decoding():
     # Anthropic's tool input follows the schema only as well as the model does: bare JSON values and a name -> value
     # object are as clear as the list of pairs, anything else is refused with the field it concerns
-    for hparams in ([{"name": "DEPTH", "value": 6}], {"DEPTH": "6"}):
+    for hparams in ([{"name": "DEPTH", "value": 6}], {"DEPTH": "6"}, {"LEARNING_RATE": None, "DEPTH": "6"}):
         data = {"description": "deeper", "reasoning": "r", "hparams": hparams}
         assert "DEPTH = 6\n" in apply_proposal(FAKE_SOURCE, proposal_from_data(data, "hparams"), "hparams")
     for data, message in [({"description": "d", "reasoning": "r"}, "the answer has no 'hparams' field"),
@@ -300,6 +326,9 @@ def test_structured_answers_from_a_server_that_does_not_constrain_decoding():
                           ({**LR, "hparams": LR["hparams"] * 2}, "LEARNING_RATE is set twice")]:
         with pytest.raises(AnswerError, match=message):
             proposal_from_data(data, "hparams")
+    with pytest.raises(AnswerError, match="the answer sets no hyperparameter"):  # every name null: nothing changes
+        apply_proposal(FAKE_SOURCE, proposal_from_data({**LR, "hparams": {"LEARNING_RATE": None}}, "hparams"),
+                       "hparams")
     with pytest.raises(AnswerError, match="the answer has no edit"):
         proposal_from_data({"description": "d", "reasoning": "r", "edits": []}, "file")
 

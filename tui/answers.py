@@ -4,10 +4,12 @@ into a Proposal.
 The schema keeps to the subset OpenAI's strict mode accepts (every property required, additionalProperties false,
 no string length limits; an array's minItems, anyOf, enum and a string's pattern are accepted), which Anthropic's
 tool input schemas and Ollama's format take as well. Hyperparameter values are strings holding Python literals: a JSON
-type per name could not say "a tuple of floats" or tell 4 from 4.0. Each name gets its own item schema whose value
-pattern follows the kind of value the block has today (a number, a quoted string, a tuple, ...), so a server that
-constrains decoding cannot let a weak model answer "," or a field description as a learning rate; the block's own
-types are still checked when the values are applied (tui.prompt.set_hparams).
+type per name could not say "a tuple of floats" or tell 4 from 4.0. The hparams field is an object with every name of
+the block, null for "unchanged", each value's pattern following the kind of value the block has today (a number, a
+quoted string, a tuple, ...) with bounded lengths: a server that constrains decoding cannot let a weak model answer ","
+or a field description as a learning rate, repeat a name, or write digits until the output cap. The block's own types
+are still checked when the values are applied (tui.prompt.set_hparams); a list of name/value pairs, which an
+unconstrained model may send instead, is read as well.
 The patterns never allow a double quote or a backslash: llama.cpp turns a pattern into a grammar for the raw string
 content without JSON escaping, so either would end the JSON string early. Strings are written in single quotes.
 """
@@ -21,12 +23,19 @@ TRUNCATED = ("the answer was truncated: it was cut off at the output limit (max_
 
 
 # what each kind of value may look like (tui.prompt._kind); None: a name whose kind the block does not show
+# bounded: a grammar-constrained weak model otherwise writes "0.03.03.03..." until the output cap
+_NUM = r"-?([0-9]{1,12}([.][0-9]{0,12})?|[.][0-9]{1,12})([eE][-+]?[0-9]{1,3})?"
+_EXPR = rf"{_NUM}( ?(\*\*|\*|/|//|\+|-) ?{_NUM})?"  # 0.03, 3e-4, 2 ** 18, -1
+_STR = r"""'[^'"\\\n]{0,64}'"""  # 'SSSL'
+_ITEMS = rf"({_EXPR}|{_STR})(, ?({_EXPR}|{_STR})){{0,7}},?"
+DESCRIPTION_PATTERN = rf"""^[^"\\\n]{{1,{DESCRIPTION_MAX}}}$"""
+REASONING_PATTERN = r"""^[^"\\]{0,1500}$"""
 VALUE_PATTERNS = {
-    "a number": r"^[-+(]*[0-9.][0-9_.eE+*/() -]*$",  # 0.03, 3e-4, 2 ** 18, -1
-    "a string": r"""^'[^'"\\\n]*'$""",  # 'SSSL'
+    "a number": rf"^{_EXPR}$",
+    "a string": rf"^{_STR}$",
     "a boolean": r"^(True|False)$",
-    "a tuple or list": r"""^[(\[][^"\\\n]*[)\]]$""",  # (0.9, 0.95)
-    None: r"""^[-+('\[{0-9.TFN][^"\\\n]*$""",  # any literal
+    "a tuple or list": rf"^([(]{_ITEMS}[)]|\[{_ITEMS}\])$",  # (0.9, 0.95)
+    None: rf"^({_EXPR}|{_STR}|True|False|None|[(]{_ITEMS}[)]|\[{_ITEMS}\])$",  # any of them
 }
 
 
@@ -40,15 +49,17 @@ def _string(help_text: str) -> dict:
 
 def answer_spec(scope: str, source: str, script_name: str = "train.py") -> AnswerSpec:
     """What the model is asked to return for one experiment; for hparams the names are those of the current block."""
-    properties = {"description": _string(FIELD_HELP["description"]), "reasoning": _string(FIELD_HELP["reasoning"])}
+    # bounded too, for the same reason as the values (a weak model's description otherwise runs to the output cap)
+    properties = {"description": {**_string(FIELD_HELP["description"]), "pattern": DESCRIPTION_PATTERN},
+                  "reasoning": {**_string(FIELD_HELP["reasoning"]), "pattern": REASONING_PATTERN}}
     if scope == "hparams":
-        pairs = [_object({"name": {"type": "string", "enum": [name]},
-                          "value": {**_string("the new value as a Python literal"),
-                                    "pattern": VALUE_PATTERNS.get(kind, VALUE_PATTERNS[None])}})
-                 for name, kind in hparam_kinds(source).items()]
-        items = {"anyOf": pairs} if pairs else _object({"name": {"type": "string"}, "value": _string("a literal")})
-        # minItems: a grammar-constrained server (llama.cpp) otherwise lets a weak model answer with no change at all
-        properties["hparams"] = {"type": "array", "items": items, "minItems": 1, "description": FIELD_HELP["hparams"]}
+        # an object of every name, null keeping today's value: each name at most once, and its value's pattern
+        # bounds what a grammar-constrained server can decode (a list of pairs let a weak model repeat a name)
+        properties["hparams"] = _object({
+            name: {"anyOf": [{"type": "string", "pattern": VALUE_PATTERNS.get(kind, VALUE_PATTERNS[None])},
+                             {"type": "null"}]}
+            for name, kind in hparam_kinds(source).items()})
+        properties["hparams"]["description"] = FIELD_HELP["hparams"]
     else:
         edit = _object({"search": _string(FIELD_HELP["search"]), "replace": _string(FIELD_HELP["replace"])})
         properties["edits"] = {"type": "array", "items": edit, "minItems": 1,
@@ -66,8 +77,8 @@ def _text(data: dict, key: str) -> str:
 def _items(data: dict, key: str, fields: tuple) -> list:
     """The list field `key` as tuples of `fields`; a server that does not constrain decoding may send anything."""
     value = data[key]
-    if isinstance(value, dict) and key == "hparams":  # {"NAME": "value"} is as clear as the list of pairs
-        value = [{"name": k, "value": v} for k, v in value.items()]
+    if isinstance(value, dict) and key == "hparams":  # the schema's {"NAME": "value" or null (unchanged)}
+        value = [{"name": k, "value": v} for k, v in value.items() if v is not None]
     if not isinstance(value, list) or not all(isinstance(x, dict) and all(f in x for f in fields) for x in value):
         raise AnswerError(f"the '{key}' field must be a list of objects with {' and '.join(fields)}")
     return [tuple(x[f] for f in fields) for x in value]

@@ -11,7 +11,9 @@ A structured answer (tui.answers: a JSON object the provider's schema support co
 for hparams a list of name -> new literal value pairs, which rewrite just those assignments of the block; for file the
 search/replace edits. Both end as one Proposal that apply_proposal applies.
 An answer is also checked for what it means: placeholder text copied from the format is refused, and so is a change
-that removes a name the rest of the script still uses (tui.answer_checks).
+that removes a name the rest of the script still uses (tui.answer_checks). One exception keeps a weak model's usable
+change: in the hparams scope a description or reasoning copied from the format is never used, but the change itself
+says what was done, so the engine writes the description from it ("MATRIX_LR = 0.03") instead of asking again.
 Anything wrong raises AnswerError with a message written for the model: the orchestrator sends it back once as a
 corrective retry.
 
@@ -80,9 +82,9 @@ and occur exactly once; include enough surrounding lines to make it unique)"""
 FIELD_HELP = {
     "description": "what you changed, in one line under 80 characters",
     "reasoning": "why you expect this change to lower val_bpb, in 2-3 sentences",
-    "hparams": ("only the constants you change, each as {\"name\": a name the block already defines, \"value\": "
-                "its new value as a Python literal in a string, e.g. \"0.03\", \"2 ** 18\", \"(0.9, 0.95)\", "
-                "\"'SSSL'\"}; a number stays a number, a string stays a string"),
+    "hparams": ("every constant of the block by name: null keeps today's value; the ones you change get their new "
+                "value as a Python literal in a string, e.g. \"0.03\", \"2 ** 18\", \"(0.9, 0.95)\", \"'SSSL'\"; "
+                "a number stays a number, a string stays a string"),
     "search": "lines copied exactly from the current script, whitespace included; they must occur exactly once",
     "replace": "the lines that replace them",
 }
@@ -118,6 +120,8 @@ class Proposal:
     values: dict | None = None  # scope hparams, structured: {name: its new value as Python literal source}
     edits: list = field(default_factory=list)  # scope file: [(search, replace), ...]
     files: list = field(default_factory=list)  # scope file: the .py files the answer labels its blocks with
+    labelled_by_engine: list = field(default_factory=list)  # "description"/"reasoning" copied from the format,
+    # replaced from the change (hparams scope; apply_proposal)
 
 
 # ---------------------------------------------------------------------------
@@ -471,20 +475,45 @@ def apply_edits(source: str, edits: list) -> str:
     return text
 
 
-def check_placeholders(proposal: Proposal) -> None:
-    """Refuse an answer that copies the format's placeholders back instead of filling them in."""
-    fields = [("description", proposal.description), ("reasoning", proposal.reasoning),
-              ("CODE section", proposal.code or "")]
+def _placeholder(where: str, text: str) -> str | None:
+    found = placeholder_in(text, TEMPLATES, HELP_PHRASES)
+    if found is None and where in ("description", "reasoning") and WHOLE_PLACEHOLDER_RE.fullmatch(text.strip()):
+        found = text.strip()
+    return found
+
+
+def _refuse_placeholder(where: str, found: str):
+    raise AnswerError(f"the {where} is the placeholder \"{found}\" copied from the answer format: replace every "
+                      f"placeholder with your own content")
+
+
+def check_placeholders(proposal: Proposal, scope: str) -> list:
+    """Refuse an answer that copies the format's placeholders back instead of filling them in. In the hparams scope
+    a copied description or reasoning is only a missing label of a change the values say in full: the names of the
+    labels to write from the change are returned instead (the copied text is never used)."""
+    fields = [("CODE section", proposal.code or "")]
     for i, (search, replace) in enumerate(proposal.edits, 1):
         fields += [(f"SEARCH text of block {i}", search), (f"REPLACE text of block {i}", replace)]
     fields += [(f"value of {name}", str(v)) for name, v in (proposal.values or {}).items()]
     for where, text in fields:
-        found = placeholder_in(text, TEMPLATES, HELP_PHRASES)
-        if found is None and where in ("description", "reasoning") and WHOLE_PLACEHOLDER_RE.fullmatch(text.strip()):
-            found = text.strip()
-        if found:
-            raise AnswerError(f"the {where} is the placeholder \"{found}\" copied from the answer format: replace "
-                              f"every placeholder with your own content")
+        if found := _placeholder(where, text):
+            _refuse_placeholder(where, found)
+    copied = []
+    for where, text in (("description", proposal.description), ("reasoning", proposal.reasoning)):
+        if found := _placeholder(where, text):
+            if scope != "hparams":
+                _refuse_placeholder(where, found)
+            copied.append(where)
+    return copied
+
+
+def describe_change(source: str, new: str) -> str:
+    """A description of a hyperparameter change written from the change itself: "MATRIX_LR = 0.03, DEPTH = 6"."""
+    old, now = _block_assignments(find_hparams(source)), _block_assignments(find_hparams(new))
+    body = find_hparams(new).body
+    changed = [f"{name} = {ast.get_source_segment(body, stmt.value)}" for name, stmt in now.items()
+               if name not in old or ast.dump(old[name].value) != ast.dump(stmt.value)]
+    return ", ".join(changed)[:DESCRIPTION_MAX] or "hyperparameter change"
 
 
 def check_names_kept(old_tree: ast.Module, new_tree: ast.Module, scope: str) -> None:
@@ -502,7 +531,7 @@ def check_names_kept(old_tree: ast.Module, new_tree: ast.Module, scope: str) -> 
 
 def apply_proposal(source: str, proposal: Proposal, scope: str, filename: str = "train.py") -> str:
     """The new script text; raises AnswerError when the edit cannot be used."""
-    check_placeholders(proposal)
+    copied = check_placeholders(proposal, scope)
     if scope == "hparams" and proposal.values is not None:
         new = set_hparams(source, proposal.values)
     elif scope == "hparams":
@@ -536,6 +565,12 @@ def apply_proposal(source: str, proposal: Proposal, scope: str, filename: str = 
         raise AnswerError("the edit changes only comments or whitespace: propose a change that does something")
     if old_tree is not None:
         check_names_kept(old_tree, tree, scope)
+    if copied:  # only now: a change refused above must not have its labels rewritten
+        proposal.labelled_by_engine = copied
+        if "description" in copied:
+            proposal.description = describe_change(source, new)
+        if "reasoning" in copied:
+            proposal.reasoning = ""
     return new
 
 

@@ -163,6 +163,9 @@ class Proposer:
                 tail = [{"role": "assistant", "content": self.redact(answer_excerpt(reply.text))},
                         {"role": "user", "content": corrective_prompt(str(e), ctx.scope, self._structured())}]
                 continue
+            if proposal.labelled_by_engine:
+                self.log(f"exp{ctx.exp}: the answer's {' and '.join(proposal.labelled_by_engine)} copied the answer "
+                         f"format; described from the change instead: {proposal.description}", "warning")
             self.unusable.clear()
             return proposal, new_source
         raise AssertionError("unreachable")
