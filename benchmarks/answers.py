@@ -27,15 +27,14 @@ After a refusal the model's second answer is the clean one, except where noted a
 
 The structured column models a server that constrains decoding to the schema (llama.cpp, vLLM, Ollama, OpenAI strict;
 Anthropic's forced tool): it can only emit a JSON object of the schema, so the shapes that are about the text format
-(prose, headings, missing fields) become the clean object, while faults of meaning stay and are refused by the
-engine: the copied prompt and the placeholder become the format's field descriptions copied as values (in the hparams
-scope the engine then describes the change itself; in the file scope they are refused), the new constant becomes a
-name the block does not have (a server that constrains decoding could not send it, the schema names every constant;
-Anthropic's tool input is not constrained), a file edit still deletes a used definition. The recorded structured
-hparams answers are lists of name/value pairs, the shape an unconstrained model sends; the engine reads it like the
-schema's object. A structured hparams
-answer is a few lines (no block to repeat), so it fits the output cap the text answer ran into; a file edit is as
-long as JSON as in text and is cut all the same.
+(prose, headings, missing fields) become the clean object, while faults of meaning stay: the copied prompt and the
+placeholder become the format's field descriptions copied as the labels of a real change (the engine describes the
+change itself, as it does for a free-text placeholder), the new constant becomes a name the block does not have
+(refused; a server that constrains decoding could not even send it, the schema names every constant, but Anthropic's
+tool input is not constrained), a file edit still deletes a used definition (refused). The recorded structured hparams
+answers are lists of name/value pairs, the shape an unconstrained model sends; the engine reads it like the schema's
+object. A structured hparams answer is a few lines (no block to repeat), so it fits the output cap the text answer
+ran into; a file edit is as long as JSON as in text and is cut all the same.
 """
 
 import argparse

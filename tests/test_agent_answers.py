@@ -173,11 +173,8 @@ def test_answer_format_json_does_not_fall_back(tmp_path):
 
 
 @pytest.mark.parametrize("answer, where", [
-    (file_answer([("DEPTH = 4", "DEPTH = 5")], description="<one line, under 80 characters, …>"),
-     "description"),
-    (file_answer([("DEPTH = 4", "DEPTH = 5")], reasoning="<2-3 sentences: why you expect this to lower val_bpb>"),
-     "reasoning"),
     (file_answer([("DEPTH = 4", "DEPTH = 5  # <the lines that replace them>")]), "REPLACE text of block 1"),
+    (file_answer([("<lines copied exactly from the current script>", "DEPTH = 5")]), "SEARCH text of block 1"),
 ])
 def test_placeholders_copied_from_the_format_are_refused(answer, where):
     with pytest.raises(AnswerError, match=rf"the {where} is the placeholder \"<.*>\" copied from the answer format"):
@@ -201,6 +198,21 @@ def test_a_copied_label_of_a_usable_hparams_change_is_written_from_the_change(pr
     assert changed_lines(FAKE_SOURCE, new)[1].startswith("+LEARNING_RATE = 0.02")
     assert proposal.description == "LEARNING_RATE = 0.02" and "description" in proposal.labelled_by_engine
     assert "<" not in proposal.reasoning and FIELD_HELP["reasoning"] not in proposal.reasoning
+
+
+@pytest.mark.parametrize("edits, description", [
+    ([("DEPTH = 4", "DEPTH = 5")], "edit: DEPTH = 5"),
+    ([("DEPTH = 4", "DEPTH   =   5\nWIDTH = 2"), ("LEARNING_RATE = 0.01", "LEARNING_RATE = 0.02")],
+     "edit: LEARNING_RATE = 0.02 (+2 more lines)"),  # in the order of the script
+])
+def test_a_copied_label_of_a_file_edit_is_written_from_the_edit(edits, description):
+    for copied in ({"description": "<one line, under 80 characters, …>"},
+                   {"reasoning": "<2-3 sentences: why you expect this to lower val_bpb>"}):
+        proposal = parse_answer(file_answer(edits, **copied), "file")
+        apply_proposal(FAKE_SOURCE, proposal, "file")
+        assert proposal.labelled_by_engine == list(copied)
+        assert proposal.description == (description if "description" in copied else "edit the script")
+        assert "<" not in proposal.reasoning
 
 
 def test_a_copied_label_is_logged_and_a_refused_change_keeps_its_own(server, tmp_path):

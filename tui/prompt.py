@@ -12,8 +12,8 @@ for hparams a list of name -> new literal value pairs, which rewrite just those 
 search/replace edits. Both end as one Proposal that apply_proposal applies.
 An answer is also checked for what it means: placeholder text copied from the format is refused, and so is a change
 that removes a name the rest of the script still uses (tui.answer_checks). One exception keeps a weak model's usable
-change: in the hparams scope a description or reasoning copied from the format is never used, but the change itself
-says what was done, so the engine writes the description from it ("MATRIX_LR = 0.03") instead of asking again.
+change: a description or reasoning copied from the format is never used, but the change itself says what was done,
+so the engine writes the description from it ("MATRIX_LR = 0.03", "edit: x = norm(x) * 2") instead of asking again.
 Anything wrong raises AnswerError with a message written for the model: the orchestrator sends it back once as a
 corrective retry.
 
@@ -22,6 +22,7 @@ answers and edited scripts have size caps, so a runaway reply cannot stall the l
 """
 
 import ast
+import difflib
 import re
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
@@ -121,7 +122,7 @@ class Proposal:
     edits: list = field(default_factory=list)  # scope file: [(search, replace), ...]
     files: list = field(default_factory=list)  # scope file: the .py files the answer labels its blocks with
     labelled_by_engine: list = field(default_factory=list)  # "description"/"reasoning" copied from the format,
-    # replaced from the change (hparams scope; apply_proposal)
+    # replaced from the change (apply_proposal)
 
 
 # ---------------------------------------------------------------------------
@@ -487,10 +488,10 @@ def _refuse_placeholder(where: str, found: str):
                       f"placeholder with your own content")
 
 
-def check_placeholders(proposal: Proposal, scope: str) -> list:
-    """Refuse an answer that copies the format's placeholders back instead of filling them in. In the hparams scope
-    a copied description or reasoning is only a missing label of a change the values say in full: the names of the
-    labels to write from the change are returned instead (the copied text is never used)."""
+def check_placeholders(proposal: Proposal) -> list:
+    """Refuse an answer that copies the format's placeholders back instead of filling them in. A copied description
+    or reasoning is only a missing label of a change that says in full what it does: the names of the labels to write
+    from the change are returned instead (the copied text is never used)."""
     fields = [("CODE section", proposal.code or "")]
     for i, (search, replace) in enumerate(proposal.edits, 1):
         fields += [(f"SEARCH text of block {i}", search), (f"REPLACE text of block {i}", replace)]
@@ -498,22 +499,26 @@ def check_placeholders(proposal: Proposal, scope: str) -> list:
     for where, text in fields:
         if found := _placeholder(where, text):
             _refuse_placeholder(where, found)
-    copied = []
-    for where, text in (("description", proposal.description), ("reasoning", proposal.reasoning)):
-        if found := _placeholder(where, text):
-            if scope != "hparams":
-                _refuse_placeholder(where, found)
-            copied.append(where)
-    return copied
+    return [where for where, text in (("description", proposal.description), ("reasoning", proposal.reasoning))
+            if _placeholder(where, text)]
 
 
-def describe_change(source: str, new: str) -> str:
-    """A description of a hyperparameter change written from the change itself: "MATRIX_LR = 0.03, DEPTH = 6"."""
-    old, now = _block_assignments(find_hparams(source)), _block_assignments(find_hparams(new))
-    body = find_hparams(new).body
-    changed = [f"{name} = {ast.get_source_segment(body, stmt.value)}" for name, stmt in now.items()
-               if name not in old or ast.dump(old[name].value) != ast.dump(stmt.value)]
-    return ", ".join(changed)[:DESCRIPTION_MAX] or "hyperparameter change"
+def describe_change(source: str, new: str, scope: str) -> str:
+    """A description written from the change itself: "MATRIX_LR = 0.03, DEPTH = 6" for the hyperparameter block, the
+    first line a file edit writes ("edit: x = norm(x) * 2 (+3 more lines)") for the file scope."""
+    if scope == "hparams":
+        old, now = _block_assignments(find_hparams(source)), _block_assignments(find_hparams(new))
+        body = find_hparams(new).body
+        changed = [f"{name} = {ast.get_source_segment(body, stmt.value)}" for name, stmt in now.items()
+                   if name not in old or ast.dump(old[name].value) != ast.dump(stmt.value)]
+        return ", ".join(changed)[:DESCRIPTION_MAX] or "hyperparameter change"
+    changed = [ln for ln in difflib.unified_diff(source.splitlines(), new.splitlines(), lineterm="", n=0)
+               if ln[:1] in "+-" and not ln.startswith(("+++", "---")) and ln[1:].strip()]
+    written = [" ".join(ln[1:].split()) for ln in changed if ln[0] == "+"]
+    if not written:  # only deletions
+        return f"edit: remove {' '.join(changed[0][1:].split())}"[:DESCRIPTION_MAX] if changed else "edit"
+    more = f" (+{len(written) - 1} more lines)" if len(written) > 1 else ""
+    return f"edit: {written[0]}"[:DESCRIPTION_MAX - len(more)] + more
 
 
 def check_names_kept(old_tree: ast.Module, new_tree: ast.Module, scope: str) -> None:
@@ -531,7 +536,7 @@ def check_names_kept(old_tree: ast.Module, new_tree: ast.Module, scope: str) -> 
 
 def apply_proposal(source: str, proposal: Proposal, scope: str, filename: str = "train.py") -> str:
     """The new script text; raises AnswerError when the edit cannot be used."""
-    copied = check_placeholders(proposal, scope)
+    copied = check_placeholders(proposal)
     if scope == "hparams" and proposal.values is not None:
         new = set_hparams(source, proposal.values)
     elif scope == "hparams":
@@ -568,7 +573,7 @@ def apply_proposal(source: str, proposal: Proposal, scope: str, filename: str = 
     if copied:  # only now: a change refused above must not have its labels rewritten
         proposal.labelled_by_engine = copied
         if "description" in copied:
-            proposal.description = describe_change(source, new)
+            proposal.description = describe_change(source, new, scope)
         if "reasoning" in copied:
             proposal.reasoning = ""
     return new
