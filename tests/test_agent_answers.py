@@ -274,7 +274,9 @@ def test_the_model_is_told_which_names_its_block_dropped(tmp_path):
     ({"evaluate_bpb": "0"}, "the block has no constant named evaluate_bpb"),
     ({"MATRIX_LR": "'fast'"}, "MATRIX_LR is a number in the block, but the answer sets it to a string"),
     ({"MATRIX_LR": "True"}, "MATRIX_LR is a number in the block, but the answer sets it to a boolean"),
-    ({"WINDOW_PATTERN": "4"}, "WINDOW_PATTERN is a string in the block, but the answer sets it to a number"),
+    ({"WINDOW_PATTERN": "4"}, "WINDOW_PATTERN is a string in the block, but the answer sets it to an integer"),
+    ({"HEAD_DIM": "64.0"}, "HEAD_DIM is an integer in the block, but the answer sets it to a number"),  # range(64.0)
+    ({"ASPECT_RATIO": "128 / 2"}, "ASPECT_RATIO is an integer in the block, but the answer sets it to a number"),
     ({"MATRIX_LR": "get_lr()"}, "the value of MATRIX_LR .* is not a Python literal"),
     ({"ADAM_BETAS": "0.9"}, "ADAM_BETAS is a tuple or list in the block"),
     ({}, "the answer sets no hyperparameter"),
@@ -309,10 +311,12 @@ def test_each_hyperparameter_gets_a_value_pattern_of_the_kind_it_has():
                                       "UNEMBEDDING_LR", "MATRIX_LR", "SCALAR_LR", "WEIGHT_DECAY", "ADAM_BETAS",
                                       "WARMUP_RATIO", "WARMDOWN_RATIO", "FINAL_LR_FRAC", "DEPTH", "DEVICE_BATCH_SIZE"])
     good = {"MATRIX_LR": ["0.03", "3e-4", "-1", "0.5 * 0.1"], "TOTAL_BATCH_SIZE": ["2 ** 18", "65536"],
-            "WINDOW_PATTERN": ["'SSSL'", "'L'"], "ADAM_BETAS": ["(0.9, 0.95)", "[0.8, 0.99]"], "DEPTH": ["6"]}
+            "WINDOW_PATTERN": ["'SSSL'", "'L'"], "ADAM_BETAS": ["(0.9, 0.95)", "[0.8, 0.99]"], "DEPTH": ["6"],
+            "HEAD_DIM": ["64", "2 ** 6"], "WEIGHT_DECAY": ["0", "1"]}  # an integer is a number too
     bad = {"MATRIX_LR": [",", "", "the new value as a Python literal", "'fast'", "0.03\n", "./../.03/03.03.03",
                          "0." + "3" * 40],
-           "WINDOW_PATTERN": ["4", '"SSSL"', "SSSL"], "ADAM_BETAS": ["0.9"], "DEPTH": [",", "deep"]}
+           "WINDOW_PATTERN": ["4", '"SSSL"', "SSSL"], "ADAM_BETAS": ["0.9"], "DEPTH": [",", "deep"],
+           "HEAD_DIM": ["64.0", "128 / 2"]}
     for name, values in good.items():
         for value in values:
             assert re.fullmatch(pattern[name], value), (name, value)

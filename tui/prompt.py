@@ -287,20 +287,28 @@ def hparam_kinds(source: str) -> dict:
     return {name: _kind(today[name].value) for name in hparam_names(source)}
 
 
+_NUMBERS = ("an integer", "a number")
+
+
 def _kind(node) -> str | None:
-    """What sort of value a literal expression is, for the type check of structured values; None: cannot tell."""
+    """What sort of value a literal expression is, for the type check of structured values; None: cannot tell.
+    "an integer" is also "a number" (a float constant may be set to 1), but not the other way round."""
     if isinstance(node, ast.Constant):
         v = node.value
         if isinstance(v, bool):
             return "a boolean"
-        if isinstance(v, (int, float, complex)):
+        if isinstance(v, int):
+            return "an integer"
+        if isinstance(v, (float, complex)):
             return "a number"
         return "a string" if isinstance(v, str) else ("None" if v is None else None)
     if isinstance(node, ast.UnaryOp):
-        return _kind(node.operand) if _kind(node.operand) == "a number" else None
+        return _kind(node.operand) if _kind(node.operand) in _NUMBERS else None
     if isinstance(node, ast.BinOp):
         kinds = {_kind(node.left), _kind(node.right)}
-        return "a number" if kinds == {"a number"} else ("a string" if "a string" in kinds else None)
+        if kinds <= set(_NUMBERS):
+            return "an integer" if kinds == {"an integer"} and not isinstance(node.op, ast.Div) else "a number"
+        return "a string" if "a string" in kinds else None
     if isinstance(node, ast.IfExp):  # WINDOW_PATTERN = "L" if _hp["tier"] == "cpu" else "SSSL": a string either way
         return _kind(node.body) if _kind(node.body) == _kind(node.orelse) else None
     if isinstance(node, (ast.Tuple, ast.List)):
@@ -320,7 +328,7 @@ def _new_value(name: str, text, old) -> str:
         raise AnswerError(f"the value of {name} ({text.strip()[:80]!r}) is not a Python literal: write it as in "
                           f"the script, e.g. \"0.02\", \"(0.9, 0.95)\" or \"'SSSL'\" (quotes inside for a string)")
     was, now = _kind(old), _kind(node)
-    if was not in (None, "None") and now != was:
+    if was not in (None, "None") and now != was and not (was == "a number" and now == "an integer"):
         raise AnswerError(f"{name} is {was} in the block, but the answer sets it to {now or 'something else'} "
                           f"({text.strip()[:80]}): keep its type")
     source = text.strip()
