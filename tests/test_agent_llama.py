@@ -94,7 +94,7 @@ def test_two_experiments_of_the_real_loop_through_llama_server(tmp_path, llama_s
     # each value's pattern is part of the grammar, so even Gemma 3 270M (a base model) can only write a literal of the
     # kind the block has, each name once, bounded (before: LEARNING_RATE = ",", DEPTH twice, "0.03.03.03..." to the
     # output cap; free text gave nothing usable). What the grammar cannot rule out is an answer restating today's
-    # values: the one refusal allowed (1 of 16 experiments over 8 runs; the other 15 trained on the first call)
+    # values: the one refusal allowed (2 of 18 experiments over 9 runs; the other 16 trained on the first call)
     restated = ("the edit changes nothing", "the edit changes only comments or whitespace")
     refused = [r.notes for r in rows[1:] if r.status == "skip"]
     assert usable >= 1 and all(any(why in note for why in restated) for note in refused), \
