@@ -316,7 +316,7 @@ def test_each_hyperparameter_gets_a_value_pattern_of_the_kind_it_has():
     bad = {"MATRIX_LR": [",", "", "the new value as a Python literal", "'fast'", "0.03\n", "./../.03/03.03.03",
                          "0." + "3" * 40],
            "WINDOW_PATTERN": ["4", '"SSSL"', "SSSL"], "ADAM_BETAS": ["0.9"], "DEPTH": [",", "deep"],
-           "HEAD_DIM": ["64.0", "128 / 2"]}
+           "HEAD_DIM": ["64.0", "128 / 2", "2 ** -1"]}
     for name, values in good.items():
         for value in values:
             assert re.fullmatch(pattern[name], value), (name, value)

@@ -26,7 +26,7 @@ TRUNCATED = ("the answer was truncated: it was cut off at the output limit (max_
 # bounded: a grammar-constrained weak model otherwise writes "0.03.03.03..." until the output cap
 _NUM = r"-?([0-9]{1,12}([.][0-9]{0,12})?|[.][0-9]{1,12})([eE][-+]?[0-9]{1,3})?"
 _EXPR = rf"{_NUM}( ?(\*\*|\*|/|//|\+|-) ?{_NUM})?"  # 0.03, 3e-4, 2 ** 18, -1
-_INT = r"-?[0-9]{1,12}( ?(\*\*|\*|//|\+|-) ?-?[0-9]{1,12})?"  # 6, 2 ** 18: no 4.0 for a depth
+_INT = r"-?[0-9]{1,12}( ?(\*\*|\*|//|\+|-) ?[0-9]{1,12})?"  # 6, 2 ** 18: no 4.0 (nor 2 ** -1) for a depth
 _STR = r"""'[^'"\\\n]{0,64}'"""  # 'SSSL'
 _ITEMS = rf"({_EXPR}|{_STR})(, ?({_EXPR}|{_STR})){{0,7}},?"
 DESCRIPTION_PATTERN = rf"""^[^"\\\n]{{1,{DESCRIPTION_MAX}}}$"""

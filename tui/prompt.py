@@ -8,8 +8,8 @@ SEARCH/REPLACE blocks; each SEARCH text must occur exactly once, and no block ma
 line like "prepare.py" or "File: prepare.py" just above it, or a fence ```python prepare.py around it) even when its
 SEARCH text also occurs in the training script.
 A structured answer (tui.answers: a JSON object the provider's schema support constrains) carries the same content:
-for hparams a list of name -> new literal value pairs, which rewrite just those assignments of the block; for file the
-search/replace edits. Both end as one Proposal that apply_proposal applies.
+for hparams the block's names with a new literal value (or null: unchanged), which rewrite just those assignments of the
+block; for file the search/replace edits. Both end as one Proposal that apply_proposal applies.
 An answer is also checked for what it means: placeholder text copied from the format is refused, and so is a change
 that removes a name the rest of the script still uses (tui.answer_checks). One exception keeps a weak model's usable
 change: a description or reasoning copied from the format is never used, but the change itself says what was done,
@@ -275,16 +275,15 @@ def _block_assignments(span: HparamsSpan) -> dict:
     return out
 
 
-def hparam_names(source: str) -> list:
-    """The names a structured answer may set: the block's own constants (helpers such as _hp are not values)."""
-    return [n for n in _block_assignments(find_hparams(source)) if not n.startswith("_")]
-
-
 def hparam_kinds(source: str) -> dict:
-    """name -> the kind of value (_kind) each settable constant of the block has today; None where it cannot tell
-    (e.g. `DEPTH = _hp["depth"]`)."""
-    today = _block_assignments(find_hparams(source))
-    return {name: _kind(today[name].value) for name in hparam_names(source)}
+    """The names a structured answer may set, the block's own constants (helpers such as _hp are not values), each
+    with the kind of value (_kind) it has today; None where that cannot be told (e.g. `DEPTH = _hp["depth"]`)."""
+    return {name: _kind(stmt.value) for name, stmt in _block_assignments(find_hparams(source)).items()
+            if not name.startswith("_")}
+
+
+def hparam_names(source: str) -> list:
+    return list(hparam_kinds(source))
 
 
 _NUMBERS = ("an integer", "a number")
@@ -491,11 +490,6 @@ def _placeholder(where: str, text: str) -> str | None:
     return found
 
 
-def _refuse_placeholder(where: str, found: str):
-    raise AnswerError(f"the {where} is the placeholder \"{found}\" copied from the answer format: replace every "
-                      f"placeholder with your own content")
-
-
 def check_placeholders(proposal: Proposal) -> list:
     """Refuse an answer that copies the format's placeholders back instead of filling them in. A copied description
     or reasoning is only a missing label of a change that says in full what it does: the names of the labels to write
@@ -506,7 +500,8 @@ def check_placeholders(proposal: Proposal) -> list:
     fields += [(f"value of {name}", str(v)) for name, v in (proposal.values or {}).items()]
     for where, text in fields:
         if found := _placeholder(where, text):
-            _refuse_placeholder(where, found)
+            raise AnswerError(f"the {where} is the placeholder \"{found}\" copied from the answer format: replace "
+                              f"every placeholder with your own content")
     return [where for where, text in (("description", proposal.description), ("reasoning", proposal.reasoning))
             if _placeholder(where, text)]
 
@@ -515,9 +510,9 @@ def describe_change(source: str, new: str, scope: str) -> str:
     """A description written from the change itself: "MATRIX_LR = 0.03, DEPTH = 6" for the hyperparameter block, the
     first line a file edit writes ("edit: x = norm(x) * 2 (+3 more lines)") for the file scope."""
     if scope == "hparams":
-        old, now = _block_assignments(find_hparams(source)), _block_assignments(find_hparams(new))
-        body = find_hparams(new).body
-        changed = [f"{name} = {ast.get_source_segment(body, stmt.value)}" for name, stmt in now.items()
+        span = find_hparams(new)
+        old, now = _block_assignments(find_hparams(source)), _block_assignments(span)
+        changed = [f"{name} = {ast.get_source_segment(span.body, stmt.value)}" for name, stmt in now.items()
                    if name not in old or ast.dump(old[name].value) != ast.dump(stmt.value)]
         return ", ".join(changed)[:DESCRIPTION_MAX] or "hyperparameter change"
     changed = [ln for ln in difflib.unified_diff(source.splitlines(), new.splitlines(), lineterm="", n=0)
