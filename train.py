@@ -47,6 +47,7 @@ import torch.nn.functional as F
 
 from backends import get_hardware_info, get_peak_flops, get_peak_memory_mb, suggest_hyperparameters, sync_device
 from backends.hardware import choose_cpu_dtype
+from backends.loss_torch import softcap_cross_entropy
 from backends.muon_torch import MuonAdamW
 from prepare import (MAX_SEQ_LEN, RUN_DIR, TIME_BUDGET, Tokenizer, describe_setup, evaluate_bpb, export_model,
                      make_dataloader, print_summary)
@@ -296,6 +297,8 @@ class GPT(nn.Module):
             x = block(x, ve, cos_sin, self.window_sizes[i])
         x = norm(x)
         softcap = 15
+        if targets is not None and x.device.type == "cpu":  # the same maths in cache-sized chunks (backends/loss_torch.py)
+            return softcap_cross_entropy(x, self.lm_head.weight, targets, softcap, reduction)
         logits = self.lm_head(x).float()
         logits = softcap * torch.tanh(logits / softcap)
         if targets is None:

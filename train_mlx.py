@@ -19,7 +19,7 @@ import sys
 from dataclasses import asdict, dataclass
 from functools import partial
 
-from backends.mlx_cpu import blas_name, parallel_cross_entropy, preload_openblas
+from backends.mlx_cpu import blas_name, preload_openblas, softcap_cross_entropy
 
 OPENBLAS = preload_openblas()  # before mlx loads: its matmuls then run on MKL or OpenBLAS, not the bundled BLAS
 
@@ -232,16 +232,12 @@ class GPT(nn.Module):
             ve = self.value_embeds[str(i)](idx).astype(COMPUTE_DTYPE) if str(i) in self.value_embeds else None
             x = block(x, ve, window)
         x = norm(x)
-        if targets is None:
-            return self.logits(x)
-        # nn.losses.cross_entropy(self.logits(x), targets), its rows split over the CPU cores: MLX runs a CPU
-        # stream's element-wise kernels (the softcap's tanh, the softmax's exp) on one thread
-        return parallel_cross_entropy(self.logits, x, targets, reduction)
-
-    def logits(self, x):
         softcap = 15
-        logits = self.lm_head(x).astype(mx.float32)
-        return softcap * mx.tanh(logits / softcap)
+        if targets is None:
+            logits = self.lm_head(x).astype(mx.float32)
+            return softcap * mx.tanh(logits / softcap)
+        # the same maths in cache-sized chunks over the CPU cores (backends/mlx_cpu.py); on Metal the plain lines
+        return softcap_cross_entropy(x, self.lm_head.weight, targets, softcap, reduction)
 
 # ---------------------------------------------------------------------------
 # Hyperparameters (edit these directly, no CLI flags needed)

@@ -41,6 +41,12 @@ CONFIGS = {
     "d2-b16-8k": dict(DEPTH=2, DEVICE_BATCH_SIZE=16, TOTAL_BATCH_SIZE=8192),
     "d2-L-b4-2k": dict(DEPTH=2, WINDOW_PATTERN='"L"', DEVICE_BATCH_SIZE=4, TOTAL_BATCH_SIZE=2048),
     "d1-ar256": dict(DEPTH=1, ASPECT_RATIO=256),            # width 256, one layer
+    # around d2-L, the tier since the first sweep, once the chunked loss (backends/loss_torch.py) made steps ~3x cheaper
+    "d3-L-ar32": dict(DEPTH=3, ASPECT_RATIO=32, WINDOW_PATTERN='"L"'),   # width 128, 3 layers
+    "d4-L-ar32": dict(DEPTH=4, ASPECT_RATIO=32, WINDOW_PATTERN='"L"'),   # width 128, 4 layers
+    "d2-L-ar128": dict(DEPTH=2, ASPECT_RATIO=128, WINDOW_PATTERN='"L"'),  # width 256, 2 layers
+    "d2-L-b16-8k": dict(DEPTH=2, WINDOW_PATTERN='"L"', DEVICE_BATCH_SIZE=16, TOTAL_BATCH_SIZE=8192),
+    "d2-L-b8-8k": dict(DEPTH=2, WINDOW_PATTERN='"L"', TOTAL_BATCH_SIZE=8192),   # 2 micro-batches of 8
 }
 CONFIGS = {name: {**OLD_DEFAULT, **settings} for name, settings in CONFIGS.items()}
 SCREEN = ["default", "d2", "d2-ar128", "d3-L", "d2-L", "d4", "d3-ar32", "d2-b4-2k", "d2-b4-4k", "d2-b16-8k"]

@@ -369,27 +369,113 @@ def test_preload_finds_mkl_installed_with_the_project(monkeypatch, tmp_path):
     assert found == str(tmp_path / "lib" / "libmkl_rt.so.2") and blas_name(found) == "MKL"
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 5])
-def test_parallel_cross_entropy_equals_one_call(rows):
+@pytest.mark.parametrize("cap", [15.0, 100.0])  # 100: exp(cap) overflows fp32 unless each row is shifted by its max
+def test_mlx_softcap_cross_entropy_is_the_lines_it_replaces(cap):
+    """backends/mlx_cpu.py's chunked head loss over rows that do not fill the last chunk, with ignored targets:
+    the loss of every reduction and the gradients of the mean, against nn.losses.cross_entropy of the logits."""
     import mlx.core as mx
     import mlx.nn as nn
     import numpy as np
-    from backends.mlx_cpu import head_streams, parallel_cross_entropy
-    assert len(head_streams()) == min(4, os.cpu_count() or 1)  # mx.metal is unavailable here
-    rng = np.random.default_rng(rows)
-    x = mx.array(rng.standard_normal((rows, 16, 32)).astype(np.float32))
-    w = mx.array(rng.standard_normal((50, 32)).astype(np.float32))
-    y = mx.array(rng.integers(0, 50, (rows, 16)))
-    head = lambda w, h: 15 * mx.tanh((h @ w.T) / 15)  # the trainers' softcapped lm_head
-    for reduction in ("none", "mean", "sum"):
-        split = parallel_cross_entropy(lambda h: head(w, h), x, y, reduction)
-        whole = nn.losses.cross_entropy(head(w, x), y, reduction=reduction)
-        assert split.shape == whole.shape
-        np.testing.assert_allclose(np.array(split), np.array(whole), rtol=1e-6, atol=1e-6)
-    grad = lambda f: np.array(mx.grad(f)(w))  # the split must not change the backward pass either
-    np.testing.assert_allclose(grad(lambda w: parallel_cross_entropy(lambda h: head(w, h), x, y)),
-                               grad(lambda w: nn.losses.cross_entropy(head(w, x), y, reduction="mean")),
-                               rtol=1e-5, atol=1e-7)
+    from backends.mlx_cpu import CHUNK_ROWS, head_streams, softcap_cross_entropy
+    assert len(head_streams()) == min(4, os.cpu_count() or 1)  # mx.metal is unavailable here: the chunked path
+    rng = np.random.default_rng(int(cap))
+    rows = 3 * CHUNK_ROWS + 17
+    x = mx.array((rng.standard_normal((rows, 1, 24)) * 3).astype(np.float32))
+    w = mx.array((rng.standard_normal((300, 24)) * cap / 10).astype(np.float32))
+    y_np = rng.integers(0, 300, (rows, 1))
+    y_np[::5] = -1
+    y, valid = mx.array(y_np), mx.array(y_np != -1)
+
+    def plain(w, x, reduction):
+        logits = cap * mx.tanh((x @ w.T).astype(mx.float32) / cap)
+        loss = nn.losses.cross_entropy(logits, mx.maximum(y, 0), reduction="none") * valid
+        return {"none": loss, "sum": loss.sum(), "mean": loss.sum() / valid.sum()}[reduction]
+
+    for reduction in ("none", "sum", "mean"):
+        got, want = softcap_cross_entropy(x, w, y, cap, reduction), plain(w, x, reduction)
+        assert got.shape == want.shape
+        np.testing.assert_allclose(np.array(got), np.array(want), rtol=2e-6, atol=1e-5)
+    grads = [mx.grad(lambda w, x: f(w, x), argnums=(0, 1))(w, x) for f in
+             (lambda w, x: 3 * softcap_cross_entropy(x, w, y, cap), lambda w, x: 3 * plain(w, x, "mean"))]
+    for got, want in zip(*grads):
+        assert np.isfinite(np.array(got)).all()
+        np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def _softcapped_reference(x, w, y, cap, reduction="mean"):
+    """train.py's three lines for the head's loss (in x's precision: no fp32 cast of float64 logits)."""
+    import torch
+    import torch.nn.functional as F
+    logits = F.linear(x, w)
+    logits = (logits.float() if logits.dtype != torch.float64 else logits) / cap
+    return F.cross_entropy((cap * torch.tanh(logits)).flatten(0, -2), y.flatten(), ignore_index=-1,
+                           reduction=reduction).view(y.shape if reduction == "none" else ())
+
+
+@pytest.mark.parametrize("cap", [15.0, 100.0])
+def test_softcap_cross_entropy_is_the_three_lines_it_replaces(cap):
+    """Loss and gradients in float64 over rows that do not fill the last chunk, with ignored targets."""
+    import torch
+    from backends.loss_torch import CHUNK_ROWS, softcap_cross_entropy
+    g = torch.Generator().manual_seed(0)
+    rows = 2 * CHUNK_ROWS + 37
+    x = (torch.randn(rows, 1, 24, generator=g, dtype=torch.float64) * 3).requires_grad_()
+    w = (torch.randn(300, 24, generator=g, dtype=torch.float64) * cap / 10).requires_grad_()
+    y = torch.randint(0, 300, (rows, 1), generator=g)
+    y[::5] = -1
+    for reduction in ("mean", "sum"):
+        got = softcap_cross_entropy(x, w, y, cap, reduction)
+        got_grads = torch.autograd.grad(3 * got, (x, w))
+        want = _softcapped_reference(x, w, y, cap, reduction)
+        want_grads = torch.autograd.grad(3 * want, (x, w))
+        assert torch.isfinite(got) and abs(got - want) < 1e-10 * abs(want), (reduction, got, want)
+        for a, b in zip(got_grads, want_grads):
+            assert a.dtype == b.dtype and (a - b).abs().max() < 1e-12 * b.abs().max(), reduction
+    with torch.no_grad():
+        got, want = softcap_cross_entropy(x, w, y, cap, "none"), _softcapped_reference(x, w, y, cap, "none")
+    assert got.shape == y.shape and (got - want).abs().max() < 1e-10 and (got[::5] == 0).all()
+    got = softcap_cross_entropy(x, w, y, cap, "none")  # with gradients: per-row losses that feed more graph
+    assert got.shape == y.shape and (got - want).abs().max() < 1e-5 and got.requires_grad
+
+
+def test_softcap_cross_entropy_under_bf16_autocast_rounds_like_the_three_lines():
+    """Under autocast the GEMMs run in bf16 as F.linear's would: the loss within fp32 rounding of the autocast
+    reference, the gradients within bf16 rounding, and of the parameters' own dtypes."""
+    import torch
+    from backends.loss_torch import softcap_cross_entropy
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 128, 64, generator=g).requires_grad_()
+    w = (torch.randn(1000, 64, generator=g) * 0.3).requires_grad_()
+    y = torch.randint(0, 1000, (4, 128), generator=g)
+    results = []
+    for fn in (softcap_cross_entropy, _softcapped_reference):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = fn(x, w, y, 15.0)
+        results.append((loss, *torch.autograd.grad(loss, (x, w))))
+    (loss, gx, gw), (ref, rgx, rgw) = results
+    assert loss.dtype == ref.dtype == torch.float32 and abs(loss - ref) < 1e-5 * ref
+    for a, b in ((gx, rgx), (gw, rgw)):
+        assert a.dtype == b.dtype == torch.float32 and (a - b).norm() < 1e-2 * b.norm()
+    with torch.no_grad():  # per position: the bf16 GEMM's rounding, not fp32's
+        fp32 = _softcapped_reference(x, w, y, 15.0, "none")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got, bf16 = softcap_cross_entropy(x, w, y, 15.0, "none"), _softcapped_reference(x, w, y, 15.0, "none")
+    assert (got - bf16).abs().max() < 0.1 * (fp32 - bf16).abs().max()
+
+
+def test_softcap_cross_entropy_does_not_overflow_fp32_at_a_large_cap():
+    """exp(100) is beyond fp32: each row is shifted by its largest logit, as log_softmax does."""
+    import torch
+    from backends.loss_torch import softcap_cross_entropy
+    g = torch.Generator().manual_seed(2)
+    x = (torch.randn(300, 16, generator=g) * 3).requires_grad_()
+    w = (torch.randn(50, 16, generator=g) * 10).requires_grad_()
+    y = torch.randint(0, 50, (300,), generator=g)
+    got, want = softcap_cross_entropy(x, w, y, 100.0), _softcapped_reference(x, w, y, 100.0)
+    assert torch.isfinite(got) and abs(got - want) < 1e-5 * want
+    for a, b in zip(torch.autograd.grad(got, (x, w)), torch.autograd.grad(want, (x, w))):
+        assert torch.isfinite(a).all() and (a - b).abs().max() < 1e-4 * b.abs().max()
+
 
 # -----------------------------------------------------------------------------
 # Tier defaults

@@ -69,6 +69,24 @@ def _group_spec(groups, name_of):
             for g in groups]
 
 
+def test_the_torch_trainers_cpu_loss_is_the_loss_of_its_own_logits():
+    """train.py's CPU loss (backends/loss_torch.py) against F.cross_entropy of the logits the same model returns
+    (what the sealed evaluation scores): the same loss and the same gradient for every parameter."""
+    import torch
+    import torch.nn.functional as F
+    tm, _ = _models()
+    x, y = torch.from_numpy(np.random.default_rng(2).integers(0, 300, size=(2, 3, 64)))
+    y[0, :5] = -1
+    losses = []
+    for loss_fn in (lambda: tm(x, y), lambda: F.cross_entropy(tm(x).flatten(0, 1), y.flatten(), ignore_index=-1)):
+        loss = loss_fn()
+        losses.append((loss.item(), torch.autograd.grad(loss, list(tm.parameters()))))
+    (fused, grads), (plain, plain_grads) = losses
+    assert abs(fused - plain) < 1e-6 * plain
+    for (name, _), a, b in zip(tm.named_parameters(), grads, plain_grads):
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max() + 1e-12, name
+
+
 def test_trainers_follow_the_float64_reference_for_three_steps():
     """Both trainers' own parameter groups through three steps of their own schedules against float64 (the model in
     float64 torch, the optimizer in NumPy): the Adam betas, Muon's momentum and NorMuon's beta2 cancel out of a first
