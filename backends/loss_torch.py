@@ -7,12 +7,12 @@ The language-model head's loss for PyTorch, chunked over rows:
 the same maths as those three lines (the GEMM in autocast's dtype when autocast is on, the rest in fp32; float64 in,
 float64 throughout), for reduction "mean", "sum" or "none".
 
-Why: at the CPU default (width 128, vocabulary 8,192, 4,096 tokens per micro-batch) the logits are 33.5 M floats, and
-the element-wise passes over them (tanh and its backward, log_softmax and its backward, the casts) took most of a
-step; GEMMs and attention were 13.6 % of its op time. Here each chunk of rows is small enough to stay in cache, every
-logit takes one tanh and one exp, and the gradient is formed in the same pass as the loss, since the loss ends the
-graph: backward only scales it. On a 2-core EPYC the head's forward + backward took 655 -> 200 ms in bf16 and
-760 -> 350 ms in fp32 (benchmarks/cpu_sweep.md).
+Why: at the CPU default (width 128, vocabulary 8,192) a micro-batch of 4,096 tokens has 33.5 M logits, and the
+element-wise passes over them (tanh and its backward, log_softmax and its backward, the casts) took most of a step;
+GEMMs and attention were 13.6 % of its op time. Here each chunk of rows is small enough to stay in cache, every logit
+takes one tanh and one exp, and the gradient is formed in the same pass as the loss, since the loss ends the graph:
+backward only scales it. On a 2-core EPYC, for 4,096 rows, the head's forward + backward took 655 -> 200 ms in bf16
+and 760 -> 350 ms in fp32, and a 45 s run took ~3x the steps (benchmarks/cpu_sweep.md).
 
 Chunked for "mean" and "sum", and for any reduction under no_grad (evaluation); reduction="none" with gradients
 (the losses then feed more graph) runs the plain three lines.

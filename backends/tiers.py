@@ -37,13 +37,14 @@ CUDA_TIERS = [  # (nominal device memory GB, tier name, depth, device_batch_size
 # qualifies for a row at 90% of the row's nominal size.
 CUDA_MEMORY_SLACK = 0.9
 
-# CPU: depth 2 (model dim 128, one head, 3.5M params), 8 x 512-token rows, one micro-batch (4,096 tokens) per step,
-# and (in the trainers) window pattern "L": every layer full-context, which takes SDPA's causal fast path at 512.
-# Chosen by val_bpb at 5 minutes on two corpora (benchmarks/cpu_sweep.md; 2-core EPYC, loaded): bench / manpages
-#   depth 2 "L": 1.972 / 0.568    depth 2, batch 4 x 512 = 2,048: 1.995 / 0.596    depth 3 "SSSL": 2.071 / 0.636
-# after a 60 s screening of depth, width, window pattern, device and total batch with the same ranking on both.
-# total_batch_size None = no accumulation.
-CPU_TIER = (2, 8, None)
+# CPU: depth 2 (model dim 128, one head, 3.5M parameters), 16 x 512-token rows, one micro-batch (8,192 tokens) per
+# step, and (in the trainers) window pattern "L": every layer full-context, which takes SDPA's causal fast path at 512.
+# Chosen by val_bpb at 5 minutes on two corpora (benchmarks/cpu_sweep.md; 2-core EPYC, quiet, with the chunked loss
+# head that made steps ~3x cheaper): bench / manpages
+#   16 x 512: 1.740 / 0.552    8 x 512 (the tier before): 1.775 / 0.575    32 x 512: 1.764 / 0.578
+#   depth 3 at width 128: 1.749 / 0.586 (8 x 512), 1.769 / - (16 x 512)
+# after a 60 s screening of depth, width and batch around it. total_batch_size None = no accumulation.
+CPU_TIER = (2, 16, None)
 
 # Which table a backend trains with when the hardware kind alone would mislead (mlx[cpu] on Linux, cpu on a Mac).
 _BACKEND_FAMILY = {"mlx": "apple", "mps": "apple", "cuda": "cuda", "cpu": "cpu"}

@@ -47,6 +47,9 @@ CONFIGS = {
     "d2-L-ar128": dict(DEPTH=2, ASPECT_RATIO=128, WINDOW_PATTERN='"L"'),  # width 256, 2 layers
     "d2-L-b16-8k": dict(DEPTH=2, WINDOW_PATTERN='"L"', DEVICE_BATCH_SIZE=16, TOTAL_BATCH_SIZE=8192),
     "d2-L-b8-8k": dict(DEPTH=2, WINDOW_PATTERN='"L"', TOTAL_BATCH_SIZE=8192),   # 2 micro-batches of 8
+    "d2-L-b32-16k": dict(DEPTH=2, WINDOW_PATTERN='"L"', DEVICE_BATCH_SIZE=32, TOTAL_BATCH_SIZE=16384),
+    "d3-L-ar32-b16-8k": dict(DEPTH=3, ASPECT_RATIO=32, WINDOW_PATTERN='"L"', DEVICE_BATCH_SIZE=16,
+                             TOTAL_BATCH_SIZE=8192),
 }
 CONFIGS = {name: {**OLD_DEFAULT, **settings} for name, settings in CONFIGS.items()}
 SCREEN = ["default", "d2", "d2-ar128", "d3-L", "d2-L", "d4", "d3-ar32", "d2-b4-2k", "d2-b4-4k", "d2-b16-8k"]

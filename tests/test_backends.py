@@ -514,7 +514,7 @@ def test_tier_values():
     assert s(HW_FOR_TIER["apple-ultra"], 512) == dict(depth=10, device_batch_size=32, total_batch_size=2**16,
                                                       tier="apple-ultra")
     assert s(HW_FOR_TIER["cuda-40gb"]) == dict(depth=8, device_batch_size=64, total_batch_size=2**18, tier="cuda-40gb")
-    assert s(HW_FOR_TIER["cpu"], 512) == dict(depth=2, device_batch_size=8, total_batch_size=8 * 512, tier="cpu")
+    assert s(HW_FOR_TIER["cpu"], 512) == dict(depth=2, device_batch_size=16, total_batch_size=16 * 512, tier="cpu")
 
 
 @pytest.mark.parametrize("memory_gb, tier", [(8, "apple-base"), (16, "apple-base"), (18, "apple-pro"),
