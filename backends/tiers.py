@@ -42,7 +42,7 @@ CUDA_MEMORY_SLACK = 0.9
 # Chosen by val_bpb at 5 minutes on two corpora (benchmarks/cpu_sweep.md; 2-core EPYC, quiet, with the chunked loss
 # head that made steps ~3x cheaper): bench / manpages
 #   16 x 512: 1.740 / 0.552    8 x 512 (the tier before): 1.775 / 0.575    32 x 512: 1.764 / 0.578
-#   depth 3 at width 128: 1.749 / 0.586 (8 x 512), 1.769 / - (16 x 512)
+#   depth 3 at width 128: 1.749 / 0.586 (8 x 512), 1.769 / 0.589 (16 x 512)
 # after a 60 s screening of depth, width and batch around it. total_batch_size None = no accumulation.
 CPU_TIER = (2, 16, None)
 
