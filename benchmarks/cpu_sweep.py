@@ -50,6 +50,10 @@ CONFIGS = {
     "d2-L-b32-16k": dict(DEPTH=2, WINDOW_PATTERN='"L"', DEVICE_BATCH_SIZE=32, TOTAL_BATCH_SIZE=16384),
     "d3-L-ar32-b16-8k": dict(DEPTH=3, ASPECT_RATIO=32, WINDOW_PATTERN='"L"', DEVICE_BATCH_SIZE=16,
                              TOTAL_BATCH_SIZE=8192),
+    # learning rates at the tier chosen with the chunked head (d2-L-b16-8k); upstream's values elsewhere
+    "b16-mlr0.06": dict(DEPTH=2, WINDOW_PATTERN='"L"', DEVICE_BATCH_SIZE=16, TOTAL_BATCH_SIZE=8192, MATRIX_LR=0.06),
+    "b16-mlr0.02": dict(DEPTH=2, WINDOW_PATTERN='"L"', DEVICE_BATCH_SIZE=16, TOTAL_BATCH_SIZE=8192, MATRIX_LR=0.02),
+    "b16-elr0.3": dict(DEPTH=2, WINDOW_PATTERN='"L"', DEVICE_BATCH_SIZE=16, TOTAL_BATCH_SIZE=8192, EMBEDDING_LR=0.3),
 }
 CONFIGS = {name: {**OLD_DEFAULT, **settings} for name, settings in CONFIGS.items()}
 SCREEN = ["default", "d2", "d2-ar128", "d3-L", "d2-L", "d4", "d3-ar32", "d2-b4-2k", "d2-b4-4k", "d2-b16-8k"]
