@@ -369,6 +369,40 @@ def test_preload_finds_mkl_installed_with_the_project(monkeypatch, tmp_path):
     assert found == str(tmp_path / "lib" / "libmkl_rt.so.2") and blas_name(found) == "MKL"
 
 
+def test_mlx_exp_and_tanh_from_multiplies_and_adds_are_libms_to_a_few_ulp():
+    """backends/mlx_cpu.py's exp_nonpositive and tanh (the head's, without MLX's per-float libm calls), eager and
+    under mx.compile as the trainer runs them, against float64 NumPy over their whole range and its edges."""
+    import mlx.core as mx
+    import numpy as np
+    from backends.mlx_cpu import exp_nonpositive, tanh
+    a = np.concatenate([np.linspace(-80.0, 0.0, 400_001), -np.logspace(-12, 1, 2_001), [0.0, -0.5, -1e-30]])
+    u = np.concatenate([np.linspace(-12.0, 12.0, 400_001), np.logspace(-12, 1, 2_001), -np.logspace(-12, 1, 2_001),
+                        [0.0, 9.0, -9.0, 9.5, -9.5, 50.0, -50.0, 1e30, -1e30, 3e38, -3e38]])
+    a, u = a.astype(np.float32), u.astype(np.float32)
+    for fn in (lambda f, x: f(x), lambda f, x: mx.compile(f)(x)):
+        got_exp = np.array(fn(exp_nonpositive, mx.array(a)), dtype=np.float64)
+        assert np.abs(got_exp / np.exp(a.astype(np.float64)) - 1).max() < 2.5e-7
+        got_tanh = np.array(fn(tanh, mx.array(u)), dtype=np.float64)
+        assert np.abs(got_tanh - np.tanh(u.astype(np.float64))).max() < 2.5e-7
+        assert ((np.sign(got_tanh) == np.sign(u)) | (got_tanh == 0)).all() and (np.abs(got_tanh) <= 1).all()
+    edges = mx.array(np.array([np.inf, -np.inf, np.nan], dtype=np.float32))
+    assert np.isnan(np.array(tanh(edges))).all()  # +-inf too: a logit that overflowed fp32 means a diverged run
+    assert np.isnan(float(exp_nonpositive(mx.array(np.nan))))
+
+
+def test_mlx_softcap_cross_entropy_of_a_diverged_model_is_nan():
+    """A NaN in the logits (a run that diverged) must give a NaN loss, which the trainer stops on, not a number."""
+    import mlx.core as mx
+    import numpy as np
+    from backends.mlx_cpu import CHUNK_ROWS, softcap_cross_entropy
+    x = mx.array(np.ones((CHUNK_ROWS + 3, 8), dtype=np.float32))
+    w = mx.array(np.where(np.arange(40 * 8).reshape(40, 8) == 17, np.nan, 0.1).astype(np.float32))
+    y = mx.array(np.zeros(CHUNK_ROWS + 3, dtype=np.int64))
+    assert np.isnan(float(softcap_cross_entropy(x, w, y, 15.0)))
+    loss, grad = mx.value_and_grad(lambda w: softcap_cross_entropy(x, w, y, 15.0))(w)
+    assert np.isnan(float(loss)) and np.isnan(np.array(grad)).any()
+
+
 @pytest.mark.parametrize("cap", [15.0, 100.0])  # 100: exp(cap) overflows fp32 unless each row is shifted by its max
 def test_mlx_softcap_cross_entropy_is_the_lines_it_replaces(cap):
     """backends/mlx_cpu.py's chunked head loss over rows that do not fill the last chunk, with ignored targets:
