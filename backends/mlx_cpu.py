@@ -76,10 +76,10 @@ CHUNK_ROWS = 128  # rows per chunk of the loss head: 128 x 8,192 fp32 logits = 4
 # exp and tanh from multiplies and adds
 #
 # The mlx-cpu wheel is built for baseline x86-64 (SSE2, no FMA): its exp and tanh kernels run scalar code with libm
-# calls for every float (16 ns each on a 2-core EPYC), and every logit of the head needs one of each. Written as MLX multiplies, adds
-# and bit shifts, mx.compile fuses them into loops the wheel's compiler vectorizes. The head avoids minimum, maximum
-# and where on the logits: the wheel compiles those with a branch per float, which also stops the loop around them
-# from vectorizing.
+# calls for every float (16 ns each on a 2-core EPYC), and every logit of the head needs one of each. Written as MLX
+# multiplies, adds and bit shifts, mx.compile fuses them into loops the wheel's compiler vectorizes. The head avoids
+# minimum, maximum and where on the logits: the wheel compiles those with a branch per float, which also stops the
+# loop around them from vectorizing.
 
 # exp(r) on [-ln2/2, ln2/2], degree 6, fitted here for relative error (1.9e-9 in float64; 9.6e-8 in float32)
 _EXP_POLY = (1.0, 1.0, 0.49999991059303284, 0.16666419804096222, 0.04166822507977486, 0.008374815806746483,
